@@ -1,0 +1,325 @@
+"""`LlavaEngine`: the public API (load, generate, next_token_logits)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import CheckpointError, VtpruneError
+from .config import LlavaModelConfig
+from .generate import DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
+from .inputs import PromptEncoder, check_pairs, load_image
+from .kv_cache import KVCache
+from .model import LlavaModel
+from .weights import load_weights
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+# Prompt capacity and decode length are rounded up to this many slots so that requests of
+# similar length reuse one KV cache and one captured CUDA graph (masked slots cost nothing
+# but reads: at most 63 of ~680 slots for LLaVA-1.5 prompts).
+_SLOT_ROUND = 64
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    raise VtpruneError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VtpruneError(f"unsupported device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VtpruneError(f"device {device!r} requested but CUDA is not available "
+                               f"(torch {torch.__version__}, no GPU visible)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VtpruneError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise VtpruneError(f"unsupported device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+    return dev
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]            # generated ids only; includes the EOS id when one ended the row
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs a fallback notice per processor load when torchvision is absent."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _build_on_meta(cfg: LlavaModelConfig) -> LlavaModel:
+    with torch.device("meta"):
+        return LlavaModel(cfg)
+
+
+class LlavaEngine:
+    """LLaVA-1.5 inference with the engine's own model, KV cache and decoding loop."""
+
+    def __init__(self, model: LlavaModel, tokenizer, image_processor, device: torch.device,
+                 dtype: torch.dtype, eos_token_ids: Sequence[int]):
+        self.model = model.eval()
+        self.cfg: LlavaModelConfig = model.cfg
+        self.device, self.dtype = device, dtype
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompts = PromptEncoder(tokenizer, self.cfg.num_visual_tokens, self.cfg.image_token_index)
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.pad_token_id = 0 if self.cfg.image_token_index != 0 else 1
+        self._decode_state: tuple | None = None  # (key, KVCache, DecodeGraph | None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "LlavaEngine":
+        """Load a llava-hf directory (config.json, model*.safetensors, tokenizer, preprocessor)."""
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise CheckpointError(f"model directory not found: {path}")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"model path is not a directory: {path}")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise CheckpointError(f"model directory is not readable: {path}")
+        cfg = LlavaModelConfig.from_any(path)
+        tokenizer, image_processor = _load_processors(path)
+        model = _build_on_meta(cfg)
+        load_weights(model, path, device, dtype)
+        model.decoder.rotary.reset_parameters(device)
+        return cls(model, tokenizer, image_processor, device, dtype, _eos_ids(path, cfg, tokenizer))
+
+    @classmethod
+    def from_config(cls, config, device="cpu", dtype=torch.float32, seed: int = 0,
+                    tokenizer=None, image_processor=None) -> "LlavaEngine":
+        """Random weights with the config's architecture (benchmarks: speed does not depend on
+        weight values). Without a tokenizer, the project's small byte-level stand-in is used."""
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        cfg = LlavaModelConfig.from_any(config)
+        model = _build_on_meta(cfg)
+        _init_random(model, device, dtype, seed)
+        if tokenizer is None:
+            from ..tiny_model import build_tokenizer
+            tokenizer = build_tokenizer()
+        if image_processor is None:
+            image_processor = _default_image_processor(cfg.vision.image_size)
+        return cls(model, tokenizer, image_processor, device, dtype, cfg.text.eos_token_id)
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, images, prompts, max_new_tokens: int = 0) -> PreparedBatch:
+        """Validate and encode one batch: pixel values and right-padded token ids on the device."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        check_pairs(images, prompts)
+        pil = [load_image(im, i) for i, im in enumerate(images)]
+        ids = [self.prompts.encode(p) for p in prompts]
+        ctx = self.cfg.text.max_position_embeddings
+        for i, row in enumerate(ids):
+            if len(row) > ctx:
+                raise VtpruneError(f"prompt {i} is {len(row)} tokens ({self.cfg.num_visual_tokens} of them "
+                                   f"visual), longer than the model's context of {ctx}")
+            if len(row) + max_new_tokens > ctx:
+                raise VtpruneError(f"prompt {i} is {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
+                                   f"exceeds the model's context of {ctx} (use max_new_tokens <= {ctx - len(row)})")
+        T = max(len(r) for r in ids)
+        input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row)
+        with _quiet_transformers():
+            pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        lengths = torch.tensor([len(r) for r in ids], dtype=torch.long)
+        return PreparedBatch(input_ids.to(self.device), lengths.to(self.device),
+                             pixels.to(self.device, self.dtype))
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def next_token_logits(self, images, prompts) -> torch.Tensor:
+        """Logits [B, vocab] (float32) for the token after each prompt."""
+        batch = self.prepare(images, prompts)
+        return prefill(self.model, batch, None).float()
+
+    @torch.inference_mode()
+    def generate(self, images, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | str | None = None,
+                 use_cuda_graph: bool = True) -> list[GenerationResult]:
+        """Generate for a batch of (image, prompt) pairs in one pass; one result per prompt."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VtpruneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise VtpruneError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise VtpruneError(f"top_p must be in (0, 1], got {top_p}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise VtpruneError("stop strings must be non-empty strings")
+
+        t0 = time.perf_counter()
+        batch = self.prepare(images, prompts, max_new_tokens)
+        cache, step_fn = self._decoder_state(batch, max_new_tokens, use_cuda_graph)
+        first_logits = prefill(self.model, batch, cache)
+        generator = None
+        if temperature > 0 and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        self._sync()
+        t_first = time.perf_counter()
+
+        def finished(rows: list[list[int]]) -> bool:
+            return all(self._stop_index(r, stops) is not None for r in rows)
+
+        sync_every = 1 if self.device.type == "cpu" else 8
+        rows = decode_tokens(first_logits, max_new_tokens, step_fn, temperature, top_p, generator,
+                             finished, sync_every)
+        t_end = time.perf_counter()
+
+        lengths = batch.lengths.tolist()
+        results = []
+        for i, row in enumerate(rows):
+            end = self._stop_index(row, stops)
+            ids = row[:end] if end is not None else row
+            text = self.prompts.decode(ids)
+            for s in stops:
+                if s in text:
+                    text = text[: text.index(s)]
+            results.append(GenerationResult(text=text.strip(), token_ids=ids, stats={
+                "prompt_tokens": lengths[i],
+                "visual_tokens": self.cfg.num_visual_tokens,
+                "generated_tokens": len(ids),
+                "time_to_first_token_s": t_first - t0,
+                "decode_s": t_end - t_first,
+            }))
+        return results
+
+    def release_cache(self) -> None:
+        """Free the KV cache and CUDA graph kept between generate calls."""
+        self._decode_state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ internals
+    def _stop_index(self, row: list[int], stops: list[str]) -> int | None:
+        """Length of `row` up to and including its stop (EOS id or a stop string), or None."""
+        for j, t in enumerate(row):
+            if t in self.eos_token_ids:
+                row = row[: j + 1]
+                return j + 1
+        if stops:
+            text = self.prompts.decode(row)
+            if any(s in text for s in stops):
+                for j in range(1, len(row) + 1):  # shortest prefix whose text holds a stop string
+                    t = self.prompts.decode(row[:j])
+                    if any(s in t for s in stops):
+                        return j
+        return None
+
+    def _decoder_state(self, batch: PreparedBatch, max_new_tokens: int, use_cuda_graph: bool):
+        """A KV cache (and CUDA graph) sized for this batch, reused when the shape repeats."""
+        B, T = batch.input_ids.shape
+        round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
+        P, N = round_up(T), round_up(max_new_tokens)
+        graph = use_cuda_graph and self.device.type == "cuda"
+        key = (B, P, N, graph)
+        if self._decode_state is None or self._decode_state[0] != key:
+            self._decode_state = None  # free the old buffers before allocating new ones
+            t = self.cfg.text
+            cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device)
+            base_positions = torch.zeros(B, dtype=torch.long, device=self.device)
+            runner = DecodeGraph(self.model, cache, base_positions) if graph else None
+            self._decode_state = (key, cache, runner, base_positions)
+        _, cache, runner, base_positions = self._decode_state
+        base_positions.copy_(batch.lengths)
+        if runner is not None:
+            return cache, runner
+        step = torch.zeros(1, dtype=torch.long, device=self.device)
+
+        def step_fn(tokens, s):
+            step.fill_(s)
+            return decode_step(self.model, cache, tokens, step, base_positions)
+        return cache, step_fn
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _load_processors(path: str):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                              "tokenizer_config.json")):
+        raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {path}")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json",
+                                                              "processor_config.json")):
+        raise CheckpointError(f"no preprocessor_config.json (or processor_config.json) in {path}")
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot load tokenizer/image processor from {path}: {e}") from None
+    return tokenizer, image_processor
+
+
+def _default_image_processor(image_size: int):
+    with _quiet_transformers():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(size={"shortest_edge": image_size},
+                                  crop_size={"height": image_size, "width": image_size})
+
+
+def _eos_ids(path: str, cfg: LlavaModelConfig, tokenizer) -> tuple[int, ...]:
+    """EOS ids as transformers' generate picks them: generation_config.json first."""
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if cfg.text.eos_token_id:
+        return cfg.text.eos_token_id
+    return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+
+
+def _init_random(model: LlavaModel, device, dtype, seed: int) -> None:
+    """Materialize meta parameters on `device` in `dtype`: N(0, 0.02) weights (transformers'
+    initializer_range for both towers), zero biases, unit norms."""
+    gen = torch.Generator(device).manual_seed(seed)
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            if name == "bias":
+                t.zero_()
+            elif isinstance(mod, (torch.nn.LayerNorm,)) or type(mod).__name__ == "RMSNorm":
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            setattr(mod, name, torch.nn.Parameter(t, requires_grad=False))
+    model.decoder.rotary.reset_parameters(device)

@@ -1,0 +1,100 @@
+"""Generation in three plain functions (prefill, decode_step, decode_tokens) plus the CUDA
+graph that replays decode_step with static shapes.
+
+A batch is right-padded: row b holds its `lengths[b]` prompt tokens at positions 0..len-1.
+Generated token s of row b sits at RoPE position lengths[b] + s and in cache slot P + s
+(see kv_cache.py), so every row advances in the same kernel launches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .kv_cache import KVCache
+from .model import LlavaModel
+from .sampling import sample_next
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor      # [B, T] int64, right-padded, image tokens expanded
+    lengths: torch.Tensor        # [B] int64 on the device: prompt tokens per row
+    pixel_values: torch.Tensor   # [B, C, H, W]
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None) -> torch.Tensor:
+    """Vision tower, projector and decoder over the prompts; returns each row's last logits [B, V]."""
+    feats = model.image_features(batch.pixel_values)
+    x = model.embed(batch.input_ids, feats)
+    B, T = batch.input_ids.shape
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    if cache is not None:
+        cache.set_lengths(batch.lengths)
+    h = model.decoder(x, positions, cache)
+    last = h[torch.arange(B, device=h.device), batch.lengths - 1]
+    return model.decoder.logits(last)
+
+
+def decode_step(model: LlavaModel, cache: KVCache, tokens: torch.Tensor, step: torch.Tensor,
+                base_positions: torch.Tensor) -> torch.Tensor:
+    """Feed token `step` of every row ([B]); returns logits [B, V] for token step + 1.
+    `step` is a 1-element int64 device tensor, so the whole function has static shapes."""
+    x = model.decoder.embed_tokens(tokens[:, None])
+    positions = (base_positions + step)[:, None]
+    h = model.decoder(x, positions, cache, write_slot=step, attn_masks=cache.decode_masks(step))
+    return model.decoder.logits(h[:, 0])
+
+
+class DecodeGraph:
+    """decode_step captured once in a CUDA graph for one cache; replays cost one launch.
+    Inputs are copied into static buffers; the returned logits tensor is reused by every replay."""
+
+    def __init__(self, model: LlavaModel, cache: KVCache, base_positions: torch.Tensor, warmup: int = 2):
+        B = cache.batch
+        dev = base_positions.device
+        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.base_positions = base_positions
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: lets cuBLAS/SDPA pick kernels outside capture
+            for _ in range(warmup):
+                decode_step(model, cache, self.tokens, self.step, self.base_positions)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, cache, self.tokens, self.step, self.base_positions)
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.step.fill_(step)
+        self.graph.replay()
+        return self.logits
+
+
+def decode_tokens(first_logits: torch.Tensor, max_new_tokens: int, step_fn: Callable,
+                  temperature: float, top_p: float, generator: torch.Generator | None,
+                  is_done: Callable[[list[list[int]]], bool], sync_every: int) -> list[list[int]]:
+    """Sample token 0 from the prefill logits, then run `step_fn(tokens, step)` until every
+    row is done or max_new_tokens are out. Tokens stay on the device; the host looks at them
+    every `sync_every` steps (the only synchronisation) to ask `is_done`.
+    Returns the generated ids per row (rows may run past their stop; the caller trims)."""
+    B = first_logits.shape[0]
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=first_logits.device)
+    tokens = sample_next(first_logits, temperature, top_p, generator)
+    n = max_new_tokens
+    for s in range(max_new_tokens):
+        out[:, s] = tokens
+        if s == max_new_tokens - 1:
+            break
+        if (s + 1) % sync_every == 0 and is_done(out[:, : s + 1].tolist()):
+            n = s + 1
+            break
+        tokens = sample_next(step_fn(tokens, s), temperature, top_p, generator)
+    return out[:, :n].tolist()

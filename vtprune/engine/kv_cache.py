@@ -1,0 +1,76 @@
+"""The decoder's KV cache: preallocated, static shapes, one buffer pair per layer.
+
+Layout of layer l's buffers, [B, H_kv, S_l, Dh]:
+
+    slots [0, P_l)            the prompt, right-padded: row b's tokens are slots [0, len_l[b])
+    slots [P_l, P_l + N)      generated tokens; step s of every row is written at slot P_l + s
+
+Why this layout:
+- Prefill of right-padded rows is plain causal attention (no mask); the cache is written as is.
+- Every row writes decode step s to the same slot, so a step is one `index_copy_` at a slot
+  held in a device tensor: the decode step has static shapes and is captured in a CUDA graph.
+- Layers own their prompt capacity P_l and lengths len_l, so layers after a pruning point can
+  hold fewer (and per-row different) prompt tokens; the decode mask comes from (len_l, P_l).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, batch: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 prompt_capacity: int | list[int], max_new_tokens: int, dtype, device):
+        caps = prompt_capacity if isinstance(prompt_capacity, list) else [prompt_capacity] * num_layers
+        if len(caps) != num_layers:
+            raise ValueError(f"prompt_capacity has {len(caps)} entries, expected {num_layers}")
+        self.batch, self.max_new_tokens = batch, max_new_tokens
+        self.prompt_capacity = caps
+        self.k = [torch.zeros(batch, num_kv_heads, p + max_new_tokens, head_dim, dtype=dtype, device=device)
+                  for p in caps]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        # Valid prompt slots per row and layer. Layers that share a tensor share a decode mask.
+        full = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths: list[torch.Tensor] = [full] * num_layers
+
+    def capacity(self, layer: int) -> int:
+        return self.k[layer].shape[2]
+
+    def set_lengths(self, lengths: torch.Tensor, layers=None) -> None:
+        """Record how many prompt slots of each row are valid, for `layers` (default all).
+        Written in place when the layers already share one tensor, so captured graphs see it."""
+        layers = list(range(len(self.k))) if layers is None else list(layers)
+        shared = self.lengths[layers[0]]
+        if [i for i, t in enumerate(self.lengths) if t is shared] != layers:
+            shared = torch.zeros_like(shared)
+            for i in layers:
+                self.lengths[i] = shared
+        shared.copy_(lengths)
+
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        T = k.shape[2]
+        if T > self.prompt_capacity[layer]:
+            raise ValueError(f"prefill of {T} tokens exceeds layer {layer}'s prompt capacity "
+                             f"{self.prompt_capacity[layer]}")
+        self.k[layer][:, :, :T].copy_(k)
+        self.v[layer][:, :, :T].copy_(v)
+
+    def write_decode(self, layer: int, step: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        slot = step + self.prompt_capacity[layer]
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]
+
+    def decode_masks(self, step: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to `step`.
+        Built from device tensors only (no host sync), once per distinct (lengths, P_l, S_l)."""
+        masks, memo = [], {}
+        for i, lengths in enumerate(self.lengths):
+            key = (lengths.data_ptr(), self.prompt_capacity[i], self.capacity(i))
+            if key not in memo:
+                p = self.prompt_capacity[i]
+                slots = torch.arange(self.capacity(i), device=lengths.device)
+                prompt = slots[None, :] < lengths[:, None]
+                decoded = (slots >= p) & (slots <= p + step)
+                memo[key] = (prompt | decoded[None, :])[:, None, None, :]
+            masks.append(memo[key])
+        return masks

@@ -1,0 +1,270 @@
+"""LLaVA-1.5 in one file: CLIP vision tower, 2-layer projector, Llama decoder.
+
+The math follows transformers' `LlavaForConditionalGeneration` operation for operation
+(same casts, same RoPE table, same RMSNorm) so fp32 logits agree to ~1e-5; the structure is
+the engine's own: the decoder reads and writes a `KVCache` laid out for batched, ragged,
+CUDA-graph-friendly decoding (see kv_cache.py), and the vision tower runs only the encoder
+layers that `vision_feature_layer` needs (LLaVA-1.5 uses layer -2, so 23 of CLIP's 24).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlavaModelConfig, TextConfig, VisionConfig
+from .kv_cache import KVCache
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation '{name}' (supported: {', '.join(sorted(_ACTIVATIONS))})")
+    return _ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------- vision tower
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.act = activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        B = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(B, 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT returning the hidden states LLaVA selects ([B, patches(+1), D * len(layers)])."""
+
+    def __init__(self, cfg: LlavaModelConfig):
+        super().__init__()
+        self.feature_layers = cfg.vision_feature_layers
+        self.num_vision_layers = cfg.vision.num_layers
+        self.drop_cls = cfg.select_strategy == "default"
+        self.embeddings = CLIPEmbeddings(cfg.vision)
+        self.pre_layrnorm = nn.LayerNorm(cfg.vision.hidden_size, eps=cfg.vision.layer_norm_eps)
+        self.layers = nn.ModuleList(CLIPLayer(cfg.vision) for _ in range(cfg.vision_layers_needed))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = [self.pre_layrnorm(self.embeddings(pixel_values))]
+        for layer in self.layers:
+            hidden.append(layer(hidden[-1]))
+        n = self.num_vision_layers
+        feats = [hidden[i if i >= 0 else n + 1 + i] for i in self.feature_layers]
+        if self.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: LlavaModelConfig):
+        super().__init__()
+        d_in = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
+        d = cfg.text.hidden_size
+        self.act = activation(cfg.projector_act)
+        self.linear_1 = nn.Linear(d_in, d, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------- decoder
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary (per-row, possibly non-contiguous) position ids, as transformers
+    computes them: fp32 angles, cast to the activation dtype afterwards."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None):
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta ** exponent)
+
+    def reset_parameters(self, device):  # buffers built on the meta device need real values
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, Dh/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, Dh] against [B, H, T, Dh]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask):
+        """Prefill (write_slot None): causal attention over x, K/V stored in cache slots [0, T).
+        Decode (write_slot a 1-element LongTensor): K/V written at that slot, then attention
+        over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
+        if write_slot is None:
+            if cache is not None:
+                cache.write_prefill(self.layer_idx, k, v)
+            # Right-padded rows need no mask: a real token's causal window holds only real tokens.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
+        else:
+            keys, values = cache.write_decode(self.layer_idx, write_slot, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, m, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.act = activation(cfg.hidden_act)
+        self.gate_proj, self.up_proj = nn.Linear(d, m, bias=b), nn.Linear(d, m, bias=b)
+        self.down_proj = nn.Linear(m, d, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Llama/Vicuna decoder. `forward` returns final hidden states before the norm; call
+    `logits(h)` on just the positions you need (the last token of each row, usually)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None):
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i])
+        return x
+
+    def logits(self, h):
+        return self.lm_head(self.norm(h))
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: LlavaModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg)
+        self.projector = Projector(cfg)
+        self.decoder = Decoder(cfg.text)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, visual tokens, text hidden] in the decoder's dtype."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with each row's image-token run replaced by its image features."""
+        x = self.decoder.embed_tokens(input_ids)
+        mask = (input_ids == self.cfg.image_token_index).unsqueeze(-1)
+        return x.masked_scatter(mask, image_features.to(x.dtype))

@@ -1,0 +1,1 @@
+"""Triton kernels and op wrappers (gumbel_topk, soft_merge, token compaction): see the kernels issue."""

@@ -1,0 +1,1 @@
+"""Adversarial training of the token merger and pruner heads: see the training issue."""
