@@ -1,0 +1,93 @@
+"""The `vtprune` command line.
+
+Bad input ends with one line on stderr (`vtprune: error: ...`) and exit status 2; a bug keeps
+its traceback. Subcommands: generate (this file); train, eval and batch arrive with their issues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import VtpruneError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="llava-hf model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtprune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer questions about images")
+    _add_model_args(g)
+    g.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="a question, or a full prompt containing one <image> (repeat, one per --image)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    return parser
+
+
+def _default_device_dtype(device, dtype):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "float32" if str(device).startswith("cpu") else "bfloat16"
+    return device, dtype
+
+
+def _cmd_generate(args) -> int:
+    from .engine import LlavaEngine, format_prompt
+    from .engine.inputs import IMAGE_TOKEN
+
+    if len(args.image) != len(args.prompt):
+        raise VtpruneError(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
+    device, dtype = _default_device_dtype(args.device, args.dtype)
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype)
+    prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
+    results = engine.generate(args.image, prompts, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    for image, prompt, r in zip(args.image, args.prompt, results):
+        if args.json:
+            print(json.dumps({"image": image, "prompt": prompt, "text": r.text,
+                              "token_ids": r.token_ids, "stats": r.stats}))
+        else:
+            s = r.stats
+            print(f"[{image}] {prompt}\n  {r.text}\n  ({s['prompt_tokens']} prompt tokens, {s['visual_tokens']} "
+                  f"visual; {s['generated_tokens']} generated; first token {s['time_to_first_token_s'] * 1e3:.0f} ms, "
+                  f"decode {s['decode_s'] * 1e3:.0f} ms)")
+    return 0
+
+
+_COMMANDS = {"generate": _cmd_generate}
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except VtpruneError as e:
+        print(f"vtprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vtprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # out of memory is the user's sizing problem, not a bug
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"vtprune: error: out of GPU memory ({str(e).splitlines()[0]}); "
+                  f"use fewer images per call or a smaller dtype", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
