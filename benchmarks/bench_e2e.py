@@ -1,0 +1,211 @@
+"""End-to-end generation speed: the vtprune engine against transformers' LLaVA, same run.
+
+    python benchmarks/bench_e2e.py                      # GPU: LLaVA-1.5-7B architecture, bf16, B=1,16,64
+    python benchmarks/bench_e2e.py --hf-compile         # add transformers static cache + torch.compile
+    python benchmarks/bench_e2e.py --tiny               # CPU smoke run on a toy config (what CI runs)
+
+Random weights of the exact architecture (speed does not depend on weight values). Prompt:
+576 visual + 45 text tokens per row, all rows alike; EOS is disabled so every row generates
+--new-tokens tokens. Per system and batch size:
+  ttft       median wall time of a 1-token generation (vision tower + prefill + first token)
+  decode     (median time of a --new-tokens generation - ttft) / (new_tokens - 1), per step
+  tok/s      batch * new_tokens / median time of the full generation
+  peak GB    torch.cuda.max_memory_allocated during that batch size
+Writes a JSON file and a markdown table (into benchmarks/results/ by default).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from vtprune import LlavaEngine  # noqa: E402
+from vtprune.engine.config import LlavaModelConfig  # noqa: E402
+from vtprune.engine.generate import PreparedBatch  # noqa: E402
+
+
+def make_inputs(cfg: LlavaModelConfig, batch: int, text_tokens: int, device, dtype, seed=0):
+    """[B, text + visual] ids (BOS, 5 text ids, the image tokens, the remaining text ids) and pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n_vis = cfg.num_visual_tokens
+    vocab_hi = min(cfg.text.vocab_size, cfg.image_token_index)
+    text = torch.randint(100, vocab_hi, (text_tokens,), generator=g)
+    text[0] = 1  # BOS
+    ids = torch.cat([text[:6], torch.full((n_vis,), cfg.image_token_index), text[6:]])
+    ids = ids.expand(batch, -1).contiguous()
+    s = cfg.vision.image_size
+    pixels = torch.randn(batch, 3, s, s, generator=g)
+    return ids.to(device), pixels.to(device, dtype)
+
+
+def timed(fn, repeats: int, device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_system(name, run, cfg, args, device, dtype) -> list[dict]:
+    """`run(ids, pixels, n)` generates n tokens for the batch."""
+    rows = []
+    for b in args.batch_sizes:
+        ids, pixels = make_inputs(cfg, b, args.text_tokens, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run(ids, pixels, args.new_tokens)  # warm-up: graphs, allocator, autotuning
+            run(ids, pixels, 1)
+            ttft = timed(lambda: run(ids, pixels, 1), args.repeats, device)
+            full = timed(lambda: run(ids, pixels, args.new_tokens), args.repeats, device)
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"system": name, "batch": b, "error": "out of memory"})
+            print(f"{name:>24} B={b:<3} out of memory", flush=True)
+            continue
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+        step = (full - ttft) / max(args.new_tokens - 1, 1)
+        row = {"system": name, "batch": b, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens,
+               "ttft_ms": ttft * 1e3, "decode_ms_per_step": step * 1e3,
+               "generated_tok_per_s": b * args.new_tokens / full, "total_s": full, "peak_gb": peak}
+        rows.append(row)
+        print(f"{name:>24} B={b:<3} ttft {row['ttft_ms']:8.1f} ms  decode {row['decode_ms_per_step']:7.2f} ms/step  "
+              f"{row['generated_tok_per_s']:8.1f} tok/s  peak {peak:6.1f} GB", flush=True)
+    return rows
+
+
+def run_vtprune(config, args, device, dtype, use_graph=True):
+    engine = LlavaEngine.from_config(config, device=device, dtype=dtype, seed=0)
+    engine.eos_token_ids = ()  # generate exactly n tokens, like min_new_tokens on the reference
+
+    def run(ids, pixels, n):
+        lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
+        engine.generate_prepared(PreparedBatch(ids, lengths, pixels), n, use_cuda_graph=use_graph)
+    name = "vtprune" if use_graph else "vtprune (no CUDA graph)"
+    rows = bench_system(name, run, engine.cfg, args, device, dtype)
+    del engine
+    return rows
+
+
+def run_transformers(config, args, device, dtype, compile_=False):
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = LlavaModelConfig.from_any(config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    extra = {"cache_implementation": "static"} if compile_ else {}
+
+    def run(ids, pixels, n):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+    name = "transformers" + (" static+compile" if compile_ else " (sdpa)")
+    rows = bench_system(name, run, cfg, args, device, dtype)
+    del model
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# End-to-end generation, {result['device_name']} ({result['date']})", "",
+             f"torch {result['torch']}, transformers {result['transformers']}, dtype {result['dtype']}, "
+             f"config {result['config']}, {result['new_tokens']} new tokens, median of {result['repeats']}.", "",
+             "| system | batch | prompt tokens | TTFT ms | decode ms/step | generated tok/s | peak GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['batch']} | – | {r['error']} | | | |")
+            continue
+        peak = "–" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.1f}"  # NaN on CPU
+        lines.append(f"| {r['system']} | {r['batch']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} | "
+                     f"{r['decode_ms_per_step']:.2f} | {r['generated_tok_per_s']:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="toy config on CPU (smoke run)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,16,64; tiny: 1,2)")
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--text-tokens", type=int, default=45)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--systems", default="vtprune,transformers", help="vtprune, vtprune-nograph, transformers")
+    p.add_argument("--hf-compile", action="store_true", help="also transformers with static cache + torch.compile")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>)")
+    args = p.parse_args(argv)
+
+    if args.tiny:
+        from vtprune.tiny_model import tiny_llava_config
+        config = tiny_llava_config()
+        device = torch.device(args.device or "cpu")
+        dtype = torch.float32
+        defaults = ("1,2", 8, 1)
+    else:
+        from vtprune.model_configs import llava_1_5_7b_config
+        config = llava_1_5_7b_config()
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        defaults = ("1,16,64", 64, 5)
+        if device.type != "cuda":
+            print("warning: no GPU: the 7B architecture on CPU is very slow; use --tiny for a smoke run")
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or defaults[0]).split(",")]
+    args.new_tokens = args.new_tokens or defaults[1]
+    args.repeats = args.repeats or defaults[2]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    rows = []
+    systems = args.systems.split(",")
+    for s in systems:
+        if s == "vtprune":
+            rows += run_vtprune(config, args, device, dtype)
+        elif s == "vtprune-nograph":
+            rows += run_vtprune(config, args, device, dtype, use_graph=False)
+        elif s == "transformers":
+            rows += run_transformers(config, args, device, dtype)
+        else:
+            p.error(f"unknown system '{s}'")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.hf_compile:
+        rows += run_transformers(config, args, device, dtype, compile_=True)
+
+    import transformers
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    date = datetime.date.today().isoformat()
+    result = {"benchmark": "e2e", "date": date, "device_name": name, "torch": torch.__version__,
+              "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
+              "config": "tiny" if args.tiny else "llava-1.5-7b", "new_tokens": args.new_tokens,
+              "text_tokens": args.text_tokens, "repeats": args.repeats, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.tag or f"e2e-{name.replace(' ', '_').replace('/', '_')}-{date}"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+    print(f"wrote {os.path.join(args.out, stem)}.json/.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

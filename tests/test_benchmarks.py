@@ -1,0 +1,21 @@
+"""Benchmarks are scripts, not tests; this only checks that they run and write their results."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_bench_e2e_tiny_runs_and_writes_json_and_markdown(tmp_path):
+    import bench_e2e
+
+    result = bench_e2e.main(["--tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--out", str(tmp_path),
+                             "--tag", "smoke"])
+    data = json.load(open(tmp_path / "smoke.json"))
+    assert data == json.loads(json.dumps(result))
+    systems = {(r["system"], r["batch"]) for r in data["rows"]}
+    assert systems == {("vtprune", 1), ("vtprune", 2), ("transformers (sdpa)", 1), ("transformers (sdpa)", 2)}
+    for r in data["rows"]:
+        assert r["prompt_tokens"] == 576 + 45 and r["ttft_ms"] > 0 and r["generated_tok_per_s"] > 0
+    assert "| vtprune | 2 | 621 |" in (tmp_path / "smoke.md").read_text()

@@ -1,0 +1,22 @@
+"""The README's main job runs on a fresh machine: the embedded default model is built locally."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_main_py_runs_on_the_embedded_default(tmp_path):
+    env = dict(os.environ, VTPRUNE_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "main.py", "--max-new-tokens", "4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\nQ: ") == 4 and "576 visual" in r.stdout and "tok/s" in r.stdout
+    assert os.path.isfile(tmp_path / "tiny-llava-random-v1" / "model.safetensors")
+
+
+def test_main_py_bad_model_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "main.py", "--model", str(tmp_path / "missing")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("main.py: error: model directory not found")
