@@ -133,3 +133,23 @@ def test_all_checkpoint_key_layouts_and_shards_load_identically(engine, tiny_dir
     for d in ("hub", "v452"):
         other = LlavaEngine.from_pretrained(tmp_path / d)
         assert torch.equal(other.next_token_logits([im], [p]), expected), d
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_is_within_twice_transformers_own(tiny_dir, reference, dtype):
+    """flash-attention-style calibration: in bf16/fp16 the engine may differ from the fp32 oracle
+    by at most ~2x what transformers itself loses in the same dtype."""
+    from transformers import LlavaForConditionalGeneration
+
+    im, p = make_image(9), format_prompt(QUESTIONS[0])
+    exact = ref_last_logits(reference, im, p)
+    ref_lp = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
+    proc = reference[1]
+    inputs = proc(images=[im], text=[p], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        ref_err = (ref_lp(**inputs).logits[0, -1].float() - exact).abs().max().item()
+    ours = LlavaEngine.from_pretrained(tiny_dir, dtype=dtype).next_token_logits([im], [p])[0]
+    err = (ours - exact).abs().max().item()
+    assert ref_err > 0
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
