@@ -19,3 +19,13 @@ def test_bench_e2e_tiny_runs_and_writes_json_and_markdown(tmp_path):
     for r in data["rows"]:
         assert r["prompt_tokens"] == 576 + 45 and r["ttft_ms"] > 0 and r["generated_tok_per_s"] > 0
     assert "| vtprune | 2 | 621 |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_bench_kernels_tiny_runs(tmp_path):
+    import bench_kernels
+
+    result = bench_kernels.main(["--tiny", "--repeats", "1", "--out", str(tmp_path), "--tag", "k"])
+    ops = [r["op"] for r in result["rows"]]
+    assert ops == ["gather_tokens hidden states", "compact_kv one layer (K and V)", "compact_kv 3 layers, one launch"]
+    assert all(r["vtprune_us"] > 0 and r["torch_us"] > 0 for r in result["rows"])
+    assert json.load(open(tmp_path / "k.json"))["rows"] == result["rows"]
