@@ -1,4 +1,5 @@
-"""Kernel microbenchmarks: each vtprune op against the unfused PyTorch version, same run.
+"""Kernel microbenchmarks: each vtprune op against the unfused PyTorch version, same run
+(gumbel_topk, soft_merge forward+backward, gather_tokens, compact_kv).
 
     python benchmarks/bench_kernels.py            # GPU: the shapes of ../shared/perf-anchors.md
     python benchmarks/bench_kernels.py --tiny     # CPU smoke run (small shapes)
@@ -23,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vtprune.kernels import compaction  # noqa: E402
+from vtprune.kernels import compaction, gumbel_topk, soft_merge  # noqa: E402
+from vtprune.kernels.soft_merge import soft_merge_reference  # noqa: E402
 
 
 def median_time_s(fn, device, repeats: int) -> float:
@@ -112,28 +114,83 @@ def compaction_cases(args, device, dtype):
     return rows
 
 
+def peak_extra_gb(fn, device) -> float:
+    """Memory allocated above the starting point while fn runs (CUDA only, else NaN)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
 def case(name, shape, nbytes, args, device, ours, base):
     t_ours = median_time_s(ours, device, args.repeats)
     t_base = median_time_s(base, device, args.repeats)
+    nan = float("nan")
     row = {"op": name, "shape": shape, "bytes": nbytes,
            "vtprune_us": t_ours * 1e6, "torch_us": t_base * 1e6,
-           "vtprune_gbs": nbytes / t_ours / 1e9, "torch_gbs": nbytes / t_base / 1e9,
-           "speedup": t_base / t_ours}
+           "vtprune_gbs": nbytes / t_ours / 1e9 if nbytes else nan,
+           "torch_gbs": nbytes / t_base / 1e9 if nbytes else nan,
+           "speedup": t_base / t_ours,
+           "vtprune_peak_gb": peak_extra_gb(ours, device), "torch_peak_gb": peak_extra_gb(base, device)}
     row["vtprune_of_copy"] = row["vtprune_gbs"] / args.copy_gbs
     print(f"{name:>36} {shape:>34}  vtprune {row['vtprune_us']:9.1f} us {row['vtprune_gbs']:7.0f} GB/s  "
           f"torch {row['torch_us']:9.1f} us {row['torch_gbs']:7.0f} GB/s  x{row['speedup']:.2f}", flush=True)
     return row
 
 
+def selection_cases(args, device):
+    """gumbel_topk against noise + topk + sort (the unfused PyTorch version, perf-anchors.md)."""
+    rows = []
+    for B in args.topk_batches:
+        N, k = args.topk_shape
+        logits = torch.randn(B, N, device=device)
+
+        def unfused():
+            u = torch.rand(B, N, device=device).clamp_(1e-20, 0.99999988)
+            p = logits - torch.log(-torch.log(u))
+            return torch.topk(p, k, dim=-1).indices.sort(dim=-1).values
+        nbytes = B * N * 4 * 3 + B * k * 8  # logits read; mask, soft, indices written
+        rows.append(case("gumbel_topk (noise+select+mask+soft+idx)", f"B={B}, N={N}, k={k}", nbytes, args, device,
+                         ours=lambda: gumbel_topk(logits, k, seed=1, validate=False), base=unfused))
+    return rows
+
+
+def merge_cases(args, device, dtype):
+    """soft_merge forward + backward against the reference under autograd."""
+    B, N, M, D, d = args.merge_shape
+    x = torch.randn(B, N, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, N, d, device=device, dtype=dtype, requires_grad=True)
+    q = torch.randn(B, M, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, M, D, device=device, dtype=dtype)
+
+    def fwd_bwd(fn):
+        def run():
+            x.grad = k.grad = q.grad = None
+            fn(x, k, q, 1.0).backward(grad)
+        return run
+    nbytes = (x.numel() + k.numel() + q.numel()) * x.element_size() * 2 + grad.numel() * x.element_size() * 2
+    shape = f"B={B}, N={N}, M={M}, D={D}, d={d}"
+    return [case("soft_merge forward+backward", shape, nbytes, args, device,
+                 ours=fwd_bwd(soft_merge), base=fwd_bwd(soft_merge_reference))]
+
+
 def markdown(result) -> str:
     lines = [f"# Kernel microbenchmarks, {result['device_name']} ({result['date']})", "",
              f"torch {result['torch']}; medians; GB/s = bytes read + written / time; copy ceiling "
              f"{result['copy_gbs']:.0f} GB/s.", "",
-             "| op | shape | vtprune µs | GB/s | of copy | torch µs | GB/s | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| op | shape | vtprune µs | GB/s | of copy | torch µs | GB/s | speedup | extra GB vtprune / torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "–" if v != v else format(v, fmt)  # NaN: not measured
     for r in result["rows"]:
-        lines.append(f"| {r['op']} | {r['shape']} | {r['vtprune_us']:.1f} | {r['vtprune_gbs']:.0f} | "
-                     f"{r['vtprune_of_copy']:.0%} | {r['torch_us']:.1f} | {r['torch_gbs']:.0f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['vtprune_us']:.1f} | {f(r['vtprune_gbs'], '.0f')} | "
+                     f"{f(r['vtprune_of_copy'], '.0%')} | {r['torch_us']:.1f} | {f(r['torch_gbs'], '.0f')} | "
+                     f"{r['speedup']:.2f}x | {f(r['vtprune_peak_gb'], '.2f')} / {f(r['torch_peak_gb'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,15 +206,18 @@ def main(argv=None):
     if args.tiny:
         device = torch.device(args.device or "cpu")
         args.hidden_shape, args.kv_shape, args.layers = (4, 64, 32, 128), (4, 4, 80, 48, 32), 3
+        args.topk_batches, args.topk_shape, args.merge_shape = (2,), (64, 16), (2, 48, 16, 32, 16)
         args.repeats = args.repeats or 3
         dtype = torch.float32
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # perf-anchors.md: hidden B=64 576->288 D=4096; one layer's K,V B=64 H=32 676->400 Dh=128
         args.hidden_shape, args.kv_shape, args.layers = (64, 576, 288, 4096), (64, 32, 676, 400, 128), 32
+        # gumbel_topk: B=64 and B=1, N=576, k=288; soft_merge: B=64, N=576, M=288, D=1024 (issue #3)
+        args.topk_batches, args.topk_shape, args.merge_shape = (64, 1), (576, 288), (64, 576, 288, 1024, 64)
         args.repeats = args.repeats or 50
         dtype = torch.bfloat16
-    rows = compaction_cases(args, device, dtype)
+    rows = selection_cases(args, device) + merge_cases(args, device, dtype) + compaction_cases(args, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     date = datetime.date.today().isoformat()
     result = {"benchmark": "kernels", "date": date, "device_name": name, "torch": torch.__version__,

@@ -8,6 +8,10 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU, the Triton kernels run (on CPU tensors) under Triton's interpreter. The flag is
+# read when @triton.jit decorates, so it is set before any vtprune.kernels module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_image(seed: int, w: int = 300, h: int = 400) -> Image.Image:

@@ -1,0 +1,261 @@
+"""soft_merge: merge N tokens into M centres by a temperature softmax, flash-attention style.
+
+    merged = soft_merge(x [B, N, D], keys [B, N, d], queries [B, M, d], tau=1.0)   # [B, M, D]
+
+    A[b, n, :] = softmax_m(keys[b, n] . queries[b, m] / (sqrt(d) * tau))   each token spreads
+                                                                          itself over the centres
+    merged[b, m] = sum_n A[b, n, m] x[b, n] / (sum_n A[b, n, m] + 1e-6)   a normalised weighted mean
+
+The [B, N, M] matrix A is never written to memory. Forward: pass 1 keeps a running max and
+sum of exponentials over the centres for each token (its log-sum-exp, [B, N]); pass 2
+recomputes A tile by tile and accumulates A^T x and the column sums per block of centres.
+Backward (c = column sum + 1e-6, dP = dmerged / c, dc = -sum_D dmerged * merged / c):
+    dx[n]   = sum_m A[n, m] dP[m]
+    dA[n,m] = x[n] . dP[m] + dc[m],  dS = A * (dA - delta),  delta[n] = x[n] . dx[n] + sum_m A[n, m] dc[m]
+    dkeys   = scale * dS Q,   dqueries = scale * dS^T K
+in three kernels (dx and the A.dc part of delta; dkeys; dqueries), again without storing A.
+Accumulation is fp32 throughout; 16-bit inputs feed tensor-core dots, fp32 inputs exact ones.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAVE_TRITON, INTERPRET, next_pow2, use_triton
+
+EPS = 1e-6
+MAX_TRITON_KEY_DIM = 256  # keys/queries dim held whole in registers
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scores(k_ptrs, q_ptrs, n_ok, m_ok, dk_ok, scale, IEEE: tl.constexpr):
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q))
+        return s * scale, k, q
+
+    @triton.jit
+    def _lse_kernel(K, Q, LSE, N, M, DK, scale, BN: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr,
+                    IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        dk = tl.arange(0, BDK)
+        n_ok, dk_ok = n < N, dk < DK
+        m_i = tl.full([BN], float("-inf"), tl.float32)
+        l_i = tl.zeros([BN], tl.float32)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
+                                n_ok, m < M, dk_ok, scale, IEEE)
+            s = tl.where((m < M)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m_i = m_new
+        tl.store(LSE + b * N + n, m_i + tl.log(l_i), mask=n_ok)
+
+    @triton.jit
+    def _merge_kernel(X, K, Q, LSE, OUT, DEN, N, M, D, DK, scale, BN: tl.constexpr, BM: tl.constexpr,
+                      BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        dk = tl.arange(0, BDK)
+        m_ok, d_ok, dk_ok = m < M, d < D, dk < DK
+        acc = tl.zeros([BM, BD], tl.float32)
+        den = tl.zeros([BM], tl.float32)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < N
+            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
+                                n_ok, m_ok, dk_ok, scale, IEEE)
+            lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
+            a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            x = tl.load(X + (b * N + n)[:, None] * D + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(tl.trans(a), x.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a.to(x.dtype)), x)
+            den += tl.sum(a, axis=0)
+        out = acc / (den[:, None] + 1e-6)
+        tl.store(OUT + (b * M + m)[:, None] * D + d[None, :], out, mask=m_ok[:, None] & d_ok[None, :])
+        if tl.program_id(2) == 0:
+            tl.store(DEN + b * M + m, den, mask=m_ok)
+
+    @triton.jit
+    def _bwd_dx_kernel(K, Q, LSE, DP, DC, DX, DELTA2, N, M, D, DK, scale, BN: tl.constexpr, BM: tl.constexpr,
+                       BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+        b = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        dk = tl.arange(0, BDK)
+        n_ok, d_ok, dk_ok = n < N, d < D, dk < DK
+        lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
+        acc = tl.zeros([BN, BD], tl.float32)
+        adc = tl.zeros([BN], tl.float32)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
+                                n_ok, m_ok, dk_ok, scale, IEEE)
+            a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.load(DP + (b * M + m)[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.dot(a, dp, input_precision=PREC)
+            dc = tl.load(DC + b * M + m, mask=m_ok, other=0.0)
+            adc += tl.sum(a * dc[None, :], axis=1)
+        tl.store(DX + (b * N + n)[:, None] * D + d[None, :], acc, mask=n_ok[:, None] & d_ok[None, :])
+        if tl.program_id(2) == 0:
+            tl.store(DELTA2 + b * N + n, adc, mask=n_ok)
+
+    @triton.jit
+    def _ds_tile(X, DP, DC, DELTA, b, n, m, n_ok, m_ok, a, N, M, D, BD: tl.constexpr, PREC: tl.constexpr):
+        """dS for one [BN, BM] tile: A * (x_n . dP_m + dc_m - delta_n)."""
+        da = tl.zeros(a.shape, tl.float32)
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            d_ok = d < D
+            x = tl.load(X + (b * N + n)[:, None] * D + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            dp = tl.load(DP + (b * M + m)[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            da += tl.dot(x.to(tl.float32), tl.trans(dp), input_precision=PREC)
+        dc = tl.load(DC + b * M + m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + b * N + n, mask=n_ok, other=0.0)
+        return a * (da + dc[None, :] - delta[:, None])
+
+    @triton.jit
+    def _bwd_dk_kernel(X, K, Q, LSE, DP, DC, DELTA, DKEYS, N, M, D, DK, scale, BN: tl.constexpr,
+                       BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+        b = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        dk = tl.arange(0, BDK)
+        n_ok, dk_ok = n < N, dk < DK
+        lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
+        acc = tl.zeros([BN, BDK], tl.float32)
+        for m0 in range(0, M, BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            s, _k, q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
+                               n_ok, m_ok, dk_ok, scale, IEEE)
+            a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            ds = _ds_tile(X, DP, DC, DELTA, b, n, m, n_ok, m_ok, a, N, M, D, BD, PREC)
+            acc += tl.dot(ds, q.to(tl.float32), input_precision=PREC)
+        tl.store(DKEYS + (b * N + n)[:, None] * DK + dk[None, :], acc * scale, mask=n_ok[:, None] & dk_ok[None, :])
+
+    @triton.jit
+    def _bwd_dq_kernel(X, K, Q, LSE, DP, DC, DELTA, DQUERIES, N, M, D, DK, scale, BN: tl.constexpr,
+                       BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+        b = tl.program_id(0)
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        dk = tl.arange(0, BDK)
+        m_ok, dk_ok = m < M, dk < DK
+        acc = tl.zeros([BM, BDK], tl.float32)
+        for n0 in range(0, N, BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < N
+            s, k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
+                               n_ok, m_ok, dk_ok, scale, IEEE)
+            lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
+            a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            ds = _ds_tile(X, DP, DC, DELTA, b, n, m, n_ok, m_ok, a, N, M, D, BD, PREC)
+            acc += tl.dot(tl.trans(ds), k.to(tl.float32), input_precision=PREC)
+        tl.store(DQUERIES + (b * M + m)[:, None] * DK + dk[None, :], acc * scale, mask=m_ok[:, None] & dk_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- reference
+def soft_merge_reference(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Plain PyTorch (fp32 or wider inside, output in x's dtype); differentiable by autograd."""
+    d = keys.shape[-1]
+    acc = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+    s = torch.einsum("bnd,bmd->bnm", keys.to(acc), queries.to(acc)) / (math.sqrt(d) * tau)
+    a = s.softmax(dim=-1)
+    num = torch.einsum("bnm,bnD->bmD", a, x.to(acc))
+    return (num / (a.sum(dim=1)[..., None] + EPS)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+_BN, _BM, _BD = 32, 32, 64
+
+
+def _meta(x, keys):
+    dk = keys.shape[-1]
+    # IEEE: exact fp32 dots (fp32 inputs, and every input under the interpreter, whose bf16
+    # arithmetic is unreliable); otherwise 16-bit operands on tensor cores, fp32 accumulation.
+    ieee = x.dtype == torch.float32 or (INTERPRET and not x.is_cuda)
+    return dict(BN=_BN, BM=_BM, BD=_BD, BDK=max(16, next_pow2(dk)), IEEE=ieee)
+
+
+class SoftMergeFunction(torch.autograd.Function):
+    """Triton forward and backward (fp32 accumulation), shared by engine and training."""
+
+    @staticmethod
+    def forward(ctx, x, keys, queries, tau: float):
+        x, keys, queries = x.contiguous(), keys.contiguous(), queries.contiguous()
+        B, N, D = x.shape
+        M, DK = queries.shape[1], keys.shape[2]
+        scale = 1.0 / (math.sqrt(DK) * tau)
+        meta = _meta(x, keys)
+        lse = torch.empty(B, N, dtype=torch.float32, device=x.device)
+        out = torch.empty(B, M, D, dtype=torch.float32, device=x.device)
+        den = torch.empty(B, M, dtype=torch.float32, device=x.device)
+        _lse_kernel[(B, triton.cdiv(N, _BN))](keys, queries, lse, N, M, DK, scale, BN=meta["BN"], BM=meta["BM"],
+                                              BDK=meta["BDK"], IEEE=meta["IEEE"])
+        _merge_kernel[(B, triton.cdiv(M, _BM), triton.cdiv(D, _BD))](x, keys, queries, lse, out, den, N, M, D, DK,
+                                                                      scale, **meta)
+        ctx.save_for_backward(x, keys, queries, lse, out, den)
+        ctx.scale = scale
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, keys, queries, lse, out, den = ctx.saved_tensors
+        B, N, D = x.shape
+        M, DK = queries.shape[1], keys.shape[2]
+        # fp32 inputs get exact fp32 dots; 16-bit inputs TF32 (their own rounding is coarser)
+        meta = dict(_meta(x, keys), PREC="ieee" if x.dtype == torch.float32 else "tf32")
+        c = den + EPS
+        dp = (grad_out.float() / c[..., None]).contiguous()
+        dc = (-(grad_out.float() * out).sum(-1) / c).contiguous()
+        dx = torch.empty(B, N, D, dtype=torch.float32, device=x.device)
+        delta2 = torch.empty(B, N, dtype=torch.float32, device=x.device)
+        _bwd_dx_kernel[(B, triton.cdiv(N, _BN), triton.cdiv(D, _BD))](keys, queries, lse, dp, dc, dx, delta2, N, M, D,
+                                                                       DK, ctx.scale, **meta)
+        delta = ((x.float() * dx).sum(-1) + delta2).contiguous()
+        dkeys = torch.empty(B, N, DK, dtype=torch.float32, device=x.device)
+        dqueries = torch.empty(B, M, DK, dtype=torch.float32, device=x.device)
+        _bwd_dk_kernel[(B, triton.cdiv(N, _BN))](x, keys, queries, lse, dp, dc, delta, dkeys, N, M, D, DK, ctx.scale,
+                                                 **meta)
+        _bwd_dq_kernel[(B, triton.cdiv(M, _BM))](x, keys, queries, lse, dp, dc, delta, dqueries, N, M, D, DK,
+                                                 ctx.scale, **meta)
+        return dx.to(x.dtype), dkeys.to(keys.dtype), dqueries.to(queries.dtype), None
+
+
+# ----------------------------------------------------------------------------- public op
+def soft_merge(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """See the module docstring."""
+    for name, t in (("x", x), ("keys", keys), ("queries", queries)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"soft_merge: {name} must be a 3-d tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, N, D = x.shape
+    if keys.shape[:2] != (B, N):
+        raise ValueError(f"soft_merge: keys must be [B, N, d] = [{B}, {N}, d], got {tuple(keys.shape)}")
+    if queries.shape[0] != B or queries.shape[2] != keys.shape[2]:
+        raise ValueError(f"soft_merge: queries must be [B, M, d] = [{B}, M, {keys.shape[2]}], got {tuple(queries.shape)}")
+    M = queries.shape[1]
+    if not 1 <= M <= N:
+        raise ValueError(f"soft_merge: need 1 <= M <= N, got M = {M}, N = {N}")
+    if not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"soft_merge: tau must be > 0, got {tau}")
+    if len({x.device, keys.device, queries.device}) != 1:
+        raise ValueError("soft_merge: x, keys and queries must be on one device")
+    if (use_triton(x) and x.dtype != torch.float64 and keys.shape[2] <= MAX_TRITON_KEY_DIM
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        if keys.dtype != x.dtype or queries.dtype != x.dtype:
+            keys, queries = keys.to(x.dtype), queries.to(x.dtype)
+        return SoftMergeFunction.apply(x, keys, queries, float(tau))
+    return soft_merge_reference(x, keys, queries, float(tau))
