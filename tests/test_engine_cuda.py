@@ -1,0 +1,34 @@
+"""The engine on a GPU: CUDA-graph decode against eager decode and against the CPU engine.
+Skipped where no GPU is visible."""
+import pytest
+import torch
+from conftest import make_image
+
+from vtprune import LlavaEngine, format_prompt
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+PROMPTS = [format_prompt("What is in the image?"), format_prompt("Describe the picture in one sentence, please.")]
+
+
+def test_cuda_fp32_matches_cpu_and_graph_matches_eager(tiny_dir, engine):
+    gpu = LlavaEngine.from_pretrained(tiny_dir, device="cuda", dtype=torch.float32)
+    ims = [make_image(1), make_image(2)]
+    torch.testing.assert_close(gpu.next_token_logits(ims, PROMPTS).cpu(), engine.next_token_logits(ims, PROMPTS),
+                               atol=1e-3, rtol=1e-4)
+    cpu_ids = [r.token_ids for r in engine.generate(ims, PROMPTS, max_new_tokens=24)]
+    graph = [r.token_ids for r in gpu.generate(ims, PROMPTS, max_new_tokens=24)]
+    eager = [r.token_ids for r in gpu.generate(ims, PROMPTS, max_new_tokens=24, use_cuda_graph=False)]
+    assert graph == eager == cpu_ids
+    again = [r.token_ids for r in gpu.generate(ims, PROMPTS, max_new_tokens=24)]  # replay of the kept graph
+    assert again == graph
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_graph_equals_eager(tiny_dir, dtype):
+    gpu = LlavaEngine.from_pretrained(tiny_dir, device="cuda", dtype=dtype)
+    ims = [make_image(3), make_image(4)]
+    graph = [r.token_ids for r in gpu.generate(ims, PROMPTS, max_new_tokens=20)]
+    eager = [r.token_ids for r in gpu.generate(ims, PROMPTS, max_new_tokens=20, use_cuda_graph=False)]
+    assert graph == eager
+    sampled = [gpu.generate(ims, PROMPTS, max_new_tokens=10, temperature=0.8, seed=1)[0].token_ids for _ in range(2)]
+    assert sampled[0] == sampled[1]
