@@ -91,14 +91,27 @@ class LlavaEngine:
         self.device, self.dtype = device, dtype
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.prompts = PromptEncoder(tokenizer, self.cfg.num_visual_tokens, self.cfg.image_token_index)
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.pad_token_id = 0 if self.cfg.image_token_index != 0 else 1
-        self._decode_state: tuple | None = None  # (key, KVCache, DecodeGraph | None)
+        self._decode_state: tuple | None = None  # (key, KVCache, DecodeGraph | None, base positions)
+        self.set_pruning(None)
+
+    def set_pruning(self, pruning) -> None:
+        """Attach a pruning configuration (PruningConfig, dict or YAML path), or None for none.
+        Two-stage weights load from the config's `weights` safetensors file."""
+        self.plan = None
+        visual = self.cfg.num_visual_tokens
+        if pruning is not None:
+            from ..pruning import PruningConfig, build_plan
+            self.plan = build_plan(PruningConfig.load(pruning), self.model, self.device, self.dtype)
+            visual = self.plan.visual_in_sequence
+        # the prompt holds one image token per visual token that enters the decoder
+        self.prompts = PromptEncoder(self.tokenizer, visual, self.cfg.image_token_index)
+        self._decode_state = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "LlavaEngine":
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, pruning=None) -> "LlavaEngine":
         """Load a llava-hf directory (config.json, model*.safetensors, tokenizer, preprocessor)."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         path = os.fspath(path)
@@ -113,11 +126,13 @@ class LlavaEngine:
         model = _build_on_meta(cfg)
         load_weights(model, path, device, dtype)
         model.decoder.rotary.reset_parameters(device)
-        return cls(model, tokenizer, image_processor, device, dtype, _eos_ids(path, cfg, tokenizer))
+        engine = cls(model, tokenizer, image_processor, device, dtype, _eos_ids(path, cfg, tokenizer))
+        engine.set_pruning(pruning)
+        return engine
 
     @classmethod
     def from_config(cls, config, device="cpu", dtype=torch.float32, seed: int = 0,
-                    tokenizer=None, image_processor=None) -> "LlavaEngine":
+                    tokenizer=None, image_processor=None, pruning=None) -> "LlavaEngine":
         """Random weights with the config's architecture (benchmarks: speed does not depend on
         weight values). Without a tokenizer, the project's small byte-level stand-in is used."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -129,7 +144,9 @@ class LlavaEngine:
             tokenizer = build_tokenizer()
         if image_processor is None:
             image_processor = _default_image_processor(cfg.vision.image_size)
-        return cls(model, tokenizer, image_processor, device, dtype, cfg.text.eos_token_id)
+        engine = cls(model, tokenizer, image_processor, device, dtype, cfg.text.eos_token_id)
+        engine.set_pruning(pruning)
+        return engine
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, images, prompts, max_new_tokens: int = 0) -> PreparedBatch:
@@ -144,7 +161,7 @@ class LlavaEngine:
         ctx = self.cfg.text.max_position_embeddings
         for i, row in enumerate(ids):
             if len(row) > ctx:
-                raise VtpruneError(f"prompt {i} is {len(row)} tokens ({self.cfg.num_visual_tokens} of them "
+                raise VtpruneError(f"prompt {i} is {len(row)} tokens ({self.prompts.num_visual_tokens} of them "
                                    f"visual), longer than the model's context of {ctx}")
             if len(row) + max_new_tokens > ctx:
                 raise VtpruneError(f"prompt {i} is {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
@@ -164,7 +181,7 @@ class LlavaEngine:
     def next_token_logits(self, images, prompts) -> torch.Tensor:
         """Logits [B, vocab] (float32) for the token after each prompt."""
         batch = self.prepare(images, prompts)
-        return prefill(self.model, batch, None).float()
+        return self._prefill(batch, None)[0].float()
 
     @torch.inference_mode()
     def generate(self, images, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -183,9 +200,10 @@ class LlavaEngine:
 
         t0 = time.perf_counter()
         batch = self.prepare(images, prompts, max_new_tokens)
-        rows, t_first, t_end = self.generate_prepared(batch, max_new_tokens, temperature, top_p, seed, stops,
-                                                      use_cuda_graph)
+        rows, t_first, t_end, trace = self.generate_prepared(batch, max_new_tokens, temperature, top_p, seed,
+                                                             stops, use_cuda_graph)
         lengths = batch.lengths.tolist()
+        layer_stats = self._layer_stats(batch, trace)
         results = []
         for i, row in enumerate(rows):
             end = self._stop_index(row, stops)
@@ -196,22 +214,24 @@ class LlavaEngine:
                     text = text[: text.index(s)]
             results.append(GenerationResult(text=text.strip(), token_ids=ids, stats={
                 "prompt_tokens": lengths[i],
-                "visual_tokens": self.cfg.num_visual_tokens,
+                "visual_tokens": self.prompts.num_visual_tokens,
                 "generated_tokens": len(ids),
                 "time_to_first_token_s": t_first - t0,  # includes image loading and preprocessing
                 "decode_s": t_end - t_first,
+                **{k: v[i] for k, v in layer_stats.items()},
             }))
         return results
 
     @torch.inference_mode()
     def generate_prepared(self, batch: PreparedBatch, max_new_tokens: int, temperature: float = 0.0,
                           top_p: float = 1.0, seed: int | None = None, stops: Sequence[str] = (),
-                          use_cuda_graph: bool = True) -> tuple[list[list[int]], float, float]:
+                          use_cuda_graph: bool = True):
         """The decoding loop on an already prepared batch (benchmarks and batch jobs call this).
         Returns the generated ids per row (not yet cut at EOS/stop strings: see `_stop_index`),
-        and the perf_counter times at which the first token was ready and decoding ended."""
+        the perf_counter times at which the first token was ready and decoding ended, and the
+        prefill's per-layer token counts (a PrefillTrace, or None without pruning)."""
         cache, step_fn = self._decoder_state(batch, max_new_tokens, use_cuda_graph)
-        first_logits = prefill(self.model, batch, cache)
+        first_logits, trace = self._prefill(batch, cache)
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
@@ -226,7 +246,7 @@ class LlavaEngine:
         sync_every = 1 if self.device.type == "cpu" else 8
         rows = decode_tokens(first_logits, max_new_tokens, step_fn, temperature, top_p, generator,
                              finished, sync_every)
-        return rows, t_first, time.perf_counter()
+        return rows, t_first, time.perf_counter(), trace
 
     def release_cache(self) -> None:
         """Free the KV cache and CUDA graph kept between generate calls."""
@@ -235,6 +255,30 @@ class LlavaEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ internals
+    def _prefill(self, batch: PreparedBatch, cache):
+        if self.plan is None:
+            return prefill(self.model, batch, cache), None
+        return self.plan.prefill(self.model, batch, cache)
+
+    def _layer_stats(self, batch: PreparedBatch, trace) -> dict[str, list]:
+        """Per row: visual and total tokens entering each decoder layer, prefill FLOPs with and
+        without pruning (engine/flops.py)."""
+        from .flops import prefill_flops
+
+        L, nv = self.cfg.text.num_layers, self.cfg.num_visual_tokens
+        lengths = batch.lengths.tolist()
+        if trace is None:
+            full = [prefill_flops(self.cfg, [n] * L, nv) for n in lengths]
+            return {"visual_tokens_per_layer": [[nv] * L for _ in lengths],
+                    "tokens_per_layer": [[n] * L for n in lengths],
+                    "prefill_flops": full, "prefill_flops_unpruned": full}
+        # the prompt as it would be unpruned: its image run holds all nv visual tokens
+        unpruned = batch.lengths + (nv - self.prompts.num_visual_tokens)
+        pruned, full = self.plan.prefill_flops(trace, unpruned)
+        return {"visual_tokens_per_layer": torch.stack(trace.visual, 1).tolist(),
+                "tokens_per_layer": torch.stack(trace.total, 1).tolist(),
+                "prefill_flops": pruned, "prefill_flops_unpruned": full}
+
     def _stop_index(self, row: list[int], stops: list[str]) -> int | None:
         """Length of `row` up to and including its stop (EOS id or a stop string), or None."""
         for j, t in enumerate(row):
@@ -253,9 +297,10 @@ class LlavaEngine:
         """A KV cache (and CUDA graph) sized for this batch, reused when the shape repeats."""
         B, T = batch.input_ids.shape
         round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
-        P, N = round_up(T), round_up(max_new_tokens)
+        caps = self.plan.capacities(T) if self.plan is not None else [T] * self.cfg.text.num_layers
+        P, N = [round_up(c) for c in caps], round_up(max_new_tokens)
         graph = use_cuda_graph and self.device.type == "cuda"
-        key = (B, P, N, graph)
+        key = (B, tuple(P), N, graph)
         if self._decode_state is None or self._decode_state[0] != key:
             self._decode_state = None  # free the old buffers before allocating new ones
             t = self.cfg.text

@@ -40,12 +40,14 @@ class CLIPAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probe=None) -> torch.Tensor:
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if probe is not None:
+            probe(q, k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -69,8 +71,8 @@ class CLIPLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x, probe=None):
+        x = x + self.self_attn(self.layer_norm1(x), probe)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -101,10 +103,11 @@ class VisionTower(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.vision.hidden_size, eps=cfg.vision.layer_norm_eps)
         self.layers = nn.ModuleList(CLIPLayer(cfg.vision) for _ in range(cfg.vision_layers_needed))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, probe=None) -> torch.Tensor:
+        """`probe(q, k)` sees the last layer's attention inputs (VisionZip's CLS attention)."""
         hidden = [self.pre_layrnorm(self.embeddings(pixel_values))]
-        for layer in self.layers:
-            hidden.append(layer(hidden[-1]))
+        for i, layer in enumerate(self.layers):
+            hidden.append(layer(hidden[-1], probe if i == len(self.layers) - 1 else None))
         n = self.num_vision_layers
         feats = [hidden[i if i >= 0 else n + 1 + i] for i in self.feature_layers]
         if self.drop_cls:
@@ -182,10 +185,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask):
+    def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask, probe=None, key_logmask=None):
         """Prefill (write_slot None): causal attention over x, K/V stored in cache slots [0, T).
         Decode (write_slot a 1-element LongTensor): K/V written at that slot, then attention
-        over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool)."""
+        over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool).
+        `probe(q, k)` sees the rotated queries and keys of a prefill (for attention-score policies);
+        `key_logmask` [B, T] (0 or -inf) hides keys in a prefill (training: masking, not dropping)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -193,10 +198,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
         if write_slot is None:
+            if probe is not None:
+                probe(q, k)
             if cache is not None:
                 cache.write_prefill(self.layer_idx, k, v)
-            # Right-padded rows need no mask: a real token's causal window holds only real tokens.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
+            if key_logmask is None:
+                # Right-padded rows need no mask: a real token's causal window holds only real tokens.
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
+            else:
+                causal = torch.full((T, T), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
+                mask = causal + key_logmask.to(q.dtype)[:, None, None, :]
+                # a token always sees itself, so no row of the mask is all -inf
+                mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device), 0.0)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         else:
             keys, values = cache.write_decode(self.layer_idx, write_slot, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa)
@@ -223,8 +237,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask)
+    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None, probe=None, key_logmask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask, probe, key_logmask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,10 +255,15 @@ class Decoder(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None):
+    def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None, layers=None, probes=None,
+                key_logmasks=None):
+        """Runs `layers` (default all; a range lets the pruned prefill stop between layers).
+        probes / key_logmasks: optional {layer index: ...} passed to that layer's attention."""
         cos, sin = self.rotary(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i])
+        for i in range(len(self.layers)) if layers is None else layers:
+            x = self.layers[i](x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i],
+                               None if probes is None else probes.get(i),
+                               None if key_logmasks is None else key_logmasks.get(i))
         return x
 
     def logits(self, h):

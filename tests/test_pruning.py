@@ -1,0 +1,195 @@
+"""Two-stage pruning and the baseline policies inside the engine (small model: 36 visual tokens,
+4 decoder layers; kernels under the Triton interpreter without a GPU)."""
+import warnings
+
+import pytest
+import torch
+from conftest import make_image
+
+from vtprune import LlavaEngine, VtpruneError, format_prompt
+from vtprune.pruning import PruningConfig
+from vtprune.pruning.plan import masked_prefill
+from vtprune.pruning.weights import save_pruning_weights
+
+QUESTIONS = ["What is it?", "Describe the picture in one sentence, please.", "How many objects?"]
+PROMPTS = [format_prompt(q) for q in QUESTIONS]
+IMAGES = [make_image(30 + i) for i in range(3)]
+SMALL = dict(target_merge_tokens=18, merge_ratio=0.5, pruning_layers=[1, 2, 3], layer_keep_tokens=[12, 8, 4],
+             pruner_d_internal=32, pruner_num_heads=4)
+
+
+def engine_with(small_dir, **cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # randomly initialised heads
+        return LlavaEngine.from_pretrained(small_dir, pruning=cfg)
+
+
+def test_keep_everything_equals_no_pruning(small_dir, small_engine):
+    keep_all = engine_with(small_dir, **dict(SMALL, target_merge_tokens=36, merge_ratio=1.0,
+                                             layer_keep_tokens=[36, 36, 36]))
+    torch.testing.assert_close(keep_all.next_token_logits(IMAGES, PROMPTS),
+                               small_engine.next_token_logits(IMAGES, PROMPTS), atol=1e-6, rtol=0)
+    a = keep_all.generate(IMAGES, PROMPTS, max_new_tokens=12)
+    b = small_engine.generate(IMAGES, PROMPTS, max_new_tokens=12)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert a[0].stats["prefill_flops_unpruned"] == b[0].stats["prefill_flops_unpruned"] == b[0].stats["prefill_flops"]
+    assert a[0].stats["prefill_flops"] > b[0].stats["prefill_flops"]  # the heads still run and are counted
+
+
+POLICIES = [
+    ("two_stage", SMALL),
+    ("two_stage question_aware", dict(SMALL, merger_type="question_aware")),
+    ("two_stage threshold", dict(SMALL, keep_mode="threshold", keep_threshold=0.5)),
+    ("fastv", dict(policy="fastv", budget=24)),
+    ("pdrop", dict(policy="pdrop", budget=16)),
+    ("visionzip", dict(policy="visionzip", budget=9)),
+    ("random", dict(policy="random", budget=9)),
+]
+
+
+@pytest.mark.parametrize("name,cfg", POLICIES, ids=[p[0] for p in POLICIES])
+def test_batched_equals_one_by_one(small_dir, name, cfg):
+    engine = engine_with(small_dir, **cfg)
+    batched = engine.generate(IMAGES, PROMPTS, max_new_tokens=8)
+    for im, p, r in zip(IMAGES, PROMPTS, batched):
+        alone = engine.generate([im], [p], max_new_tokens=8)[0]
+        assert r.token_ids == alone.token_ids, name
+        assert r.stats["visual_tokens_per_layer"] == alone.stats["visual_tokens_per_layer"]
+    logits = engine.next_token_logits(IMAGES, PROMPTS)
+    for i in range(3):
+        torch.testing.assert_close(logits[i], engine.next_token_logits(IMAGES[i:i + 1], PROMPTS[i:i + 1])[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_two_stage_token_counts_caches_and_flops(small_dir):
+    engine = engine_with(small_dir, **SMALL)
+    rs = engine.generate(IMAGES, PROMPTS, max_new_tokens=4)
+    n_text = [len(engine.prompts.encode(p)) - 18 for p in PROMPTS]
+    for r, t in zip(rs, n_text):
+        assert r.stats["visual_tokens"] == 18
+        assert r.stats["visual_tokens_per_layer"] == [18, 12, 8, 4]
+        assert r.stats["tokens_per_layer"] == [t + v for v in (18, 12, 8, 4)]
+        assert r.stats["prefill_flops"] < r.stats["prefill_flops_unpruned"]
+    _, cache, _, _ = engine._decode_state
+    lengths = [cache.lengths[i].tolist() for i in range(4)]
+    assert lengths == [[t + v for t in n_text] for v in (18, 12, 8, 4)]
+    # each layer's buffer holds only what survives to it (capacity rounded up to 64 slots)
+    T = max(n_text) + 18
+    assert cache.prompt_capacity == [-(-c // 64) * 64 for c in (T, T - 6, T - 10, T - 14)]
+
+
+def test_threshold_mode_is_ragged(small_dir):
+    engine = engine_with(small_dir, **dict(SMALL, keep_mode="threshold", keep_threshold=0.5))
+    g = torch.Generator().manual_seed(0)
+    for head in engine.plan.modules.pruners.values():  # decisive keep probabilities (fresh heads sit near 0.5)
+        head.mlp[-1].weight.copy_(torch.randn(head.mlp[-1].weight.shape, generator=g) * 3)
+    rs = engine.generate(IMAGES, PROMPTS, max_new_tokens=2)
+    per_layer = [r.stats["visual_tokens_per_layer"] for r in rs]
+    for row in per_layer:
+        assert row[0] == 18 and all(1 <= b <= a for a, b in zip(row, row[1:]))
+    assert len({tuple(r) for r in per_layer}) > 1  # rows keep different numbers of tokens
+
+
+@pytest.mark.parametrize("name,cfg", [POLICIES[0], POLICIES[2], POLICIES[3], POLICIES[4]],
+                         ids=["two_stage", "threshold", "fastv", "pdrop"])
+def test_masked_forward_equals_dropping_forward(small_dir, name, cfg):
+    """Training masks dropped tokens' keys instead of dropping them; with the same (hard)
+    decisions and the original positions, the last-token logits agree."""
+    engine = engine_with(small_dir, **cfg)
+    batch = engine.prepare(IMAGES, PROMPTS)
+    with torch.inference_mode():
+        dropped, trace = engine.plan.prefill(engine.model, batch, None)
+        masked = masked_prefill(engine.model, engine.plan, batch, trace.kept)
+    assert trace.kept  # something was dropped
+    torch.testing.assert_close(masked, dropped, atol=1e-4, rtol=1e-5)
+
+
+def test_positions_are_the_original_ones(small_dir):
+    engine = engine_with(small_dir, **SMALL)
+    batch = engine.prepare(IMAGES, PROMPTS)
+    with torch.inference_mode():
+        _, trace = engine.plan.prefill(engine.model, batch, None)
+    prev = None
+    for layer, (pos, lengths) in sorted(trace.kept.items()):
+        for b in range(3):
+            p = pos[b, : lengths[b]]
+            assert (p[1:] > p[:-1]).all() and p[-1] == batch.lengths[b] - 1  # ascending, last token kept
+            if prev is not None:
+                assert set(p.tolist()) <= set(prev[b])
+        prev = [pos[b, : lengths[b]].tolist() for b in range(3)]
+
+
+@pytest.mark.parametrize("policy,budget", [("fastv", 24), ("fastv", 30), ("pdrop", 16), ("pdrop", 9),
+                                           ("visionzip", 9), ("random", 20)])
+def test_baselines_honour_their_budget(small_dir, policy, budget):
+    engine = engine_with(small_dir, policy=policy, budget=budget)
+    r = engine.generate(IMAGES[:1], PROMPTS[:1], max_new_tokens=2)[0]
+    per_layer = r.stats["visual_tokens_per_layer"]
+    avg = sum(per_layer) / len(per_layer)
+    assert abs(avg - budget) <= 1.0, (per_layer, budget)
+    assert r.stats["prefill_flops"] < r.stats["prefill_flops_unpruned"]
+
+
+def test_pruning_weights_round_trip_and_random_init_warns(small_dir, tmp_path):
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        a = LlavaEngine.from_pretrained(small_dir, pruning=SMALL)
+    path = tmp_path / "pruning.safetensors"
+    save_pruning_weights(a.plan.modules, str(path))
+    yaml_path = tmp_path / "p.yaml"
+    lines = [f"{k}: {v}" for k, v in SMALL.items()] + ["weights: pruning.safetensors", "merger_type: simple"]
+    yaml_path.write_text("\n".join(lines) + "\n")
+    torch.manual_seed(123)  # a different random init would change the outputs; loaded weights must not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = LlavaEngine.from_pretrained(small_dir, pruning=str(yaml_path))
+    assert torch.equal(a.next_token_logits(IMAGES, PROMPTS), b.next_token_logits(IMAGES, PROMPTS))
+    bad = dict(SMALL, pruner_d_internal=64, weights=str(path))
+    with pytest.raises(VtpruneError, match="has shape"):
+        LlavaEngine.from_pretrained(small_dir, pruning=bad)
+
+
+def test_default_yaml_loads_and_checks_against_the_7b_shape():
+    cfg = PruningConfig.from_yaml("configs/vision_token_pruning.yaml")
+    assert cfg.pruning_layers == [10, 20, 31] and cfg.target_merge_tokens == 288 and cfg.merge_sparsity_weight == 1e-4
+    cfg.check_against_model(576, 32)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(unknown_key=1), "unknown key 'unknown_key'"),
+    (dict(pruning_layers=[10, 5, 20]), "'pruning_layers' must be strictly increasing"),
+    (dict(pruning_layers=[0, 5, 20]), "'pruning_layers' must be >= 1"),
+    (dict(merge_ratio=1.5), r"'merge_ratio' must be in \(0, 1\]"),
+    (dict(merge_ratio=0.0), r"'merge_ratio' must be in \(0, 1\]"),
+    (dict(layer_keep_tokens=[200, 150]), "'layer_keep_tokens' must be one positive integer per pruning layer"),
+    (dict(layer_keep_tokens=[100, 150, 200]), "'layer_keep_tokens' must not increase"),
+    (dict(merger_type="fancy"), "'merger_type' must be"),
+    (dict(policy="fastv"), "'budget' must be a positive integer for policy 'fastv'"),
+    (dict(policy="magic"), "'policy' must be one of"),
+    (dict(optimizers={"token_merger": {"lr": -1}}), r"'optimizers.token_merger.lr' must be a number > 0"),
+    (dict(temperature_min=2.0), "'temperature_min' must be in"),
+])
+def test_bad_configs_name_the_key(cfg, match):
+    with pytest.raises(VtpruneError, match=match):
+        PruningConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(SMALL, target_merge_tokens=40, merge_ratio=1.0), "'target_merge_tokens' is 40, more than the model's 36"),
+    (dict(SMALL, merge_ratio=0.8), "'merge_ratio' 0.8 of 36 visual tokens is 28.8, inconsistent"),
+    (dict(SMALL, pruning_layers=[1, 2, 4]), r"'pruning_layers' \[1, 2, 4\] has a layer outside the decoder's 0..3"),
+    (dict(SMALL, layer_keep_tokens=[20, 8, 4]), "'layer_keep_tokens' starts at 20, more than the 18 merged"),
+    (dict(policy="visionzip", budget=99), "'budget' is 99, more than the model's 36"),
+])
+def test_configs_checked_against_the_model(small_dir, cfg, match):
+    with pytest.raises(VtpruneError, match=match):
+        engine_with(small_dir, **cfg)
+
+
+def test_yaml_errors(tmp_path, small_dir):
+    with pytest.raises(VtpruneError, match="pruning config not found"):
+        LlavaEngine.from_pretrained(small_dir, pruning=str(tmp_path / "none.yaml"))
+    (tmp_path / "bad.yaml").write_text("policy: [unclosed\n")
+    with pytest.raises(VtpruneError, match="not valid YAML"):
+        PruningConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "e.yaml").write_text("merge_sparsity_weight: 1e-4\npruning_layers: [1, 2, 3]\n")
+    assert PruningConfig.from_yaml(tmp_path / "e.yaml").merge_sparsity_weight == 1e-4  # YAML's '1e-4' string

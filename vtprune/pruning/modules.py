@@ -1,0 +1,102 @@
+"""The learned pruning modules: TokenMerger (before the decoder) and PrunerHead (inside it).
+
+TokenMerger (vision-encoder features [B, N, Dv] -> [B, M, Dv]):
+  importance = MLP(features [+ cross-attention to the question's token embeddings])   [B, N]
+  centres    = gumbel_topk(importance, M)        (noise only while training)
+  merged     = soft_merge(features, keys = Wk f, queries = Wq f[centres], tau)
+  The merged tokens come out in the centres' spatial order and then pass the projector.
+PrunerHead (hidden states entering a pruning layer):
+  visual and question states -> d_internal, multi-head cross-attention (query = visual,
+  key/value = question), MLP -> keep logits [B, Nv].
+Both call the kernels' public ops (vtprune.kernels), the same autograd Functions training uses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import gumbel_topk, soft_merge
+from .config import PruningConfig
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from `q_in` [B, Nq, d] to `kv_in` [B, Nk, d] with a key padding mask."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, q_in, kv_in, kv_valid):
+        B, Nq, d = q_in.shape
+        h = self.heads
+        q = self.q(q_in).view(B, Nq, h, d // h).transpose(1, 2)
+        k = self.k(kv_in).view(B, -1, h, d // h).transpose(1, 2)
+        v = self.v(kv_in).view(B, -1, h, d // h).transpose(1, 2)
+        # rows with no question tokens attend to nothing: give them an all-zero context
+        has_any = kv_valid.any(-1)
+        valid = kv_valid | ~has_any[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        out = out * has_any[:, None, None, None].to(out.dtype)
+        return self.o(out.transpose(1, 2).reshape(B, Nq, d))
+
+
+class TokenMerger(nn.Module):
+    def __init__(self, cfg: PruningConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        d = cfg.pruner_d_internal
+        self.target = cfg.target_merge_tokens
+        self.question_aware = cfg.merger_type == "question_aware"
+        self.inp = nn.Linear(vision_dim, d)
+        if self.question_aware:
+            self.question_proj = nn.Linear(text_dim, d)
+            self.cross = CrossAttention(d, cfg.pruner_num_heads)
+        self.importance = nn.Sequential(nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.key_proj = nn.Linear(vision_dim, d)
+        self.query_proj = nn.Linear(vision_dim, d)
+
+    def scores(self, feats, question=None, question_valid=None):
+        h = self.inp(feats)
+        if self.question_aware:
+            h = h + self.cross(h, self.question_proj(question), question_valid)
+        return self.importance(h).squeeze(-1).float()
+
+    def forward(self, feats, tau: float, question=None, question_valid=None, noise=False, seed=None):
+        """-> merged [B, M, Dv], centre indices [B, M] (ascending), importance logits [B, N]."""
+        B, N, _ = feats.shape
+        logits = self.scores(feats, question, question_valid)
+        if self.target >= N:  # merging N tokens into N centres is keeping them
+            return feats, torch.arange(N, device=feats.device).expand(B, N), logits
+        centres, _, _ = gumbel_topk(logits, self.target, tau=tau, noise=noise, seed=seed, validate=False)
+        picked = feats.gather(1, centres[..., None].expand(-1, -1, feats.shape[-1]))
+        merged = soft_merge(feats, self.key_proj(feats), self.query_proj(picked), tau=tau)
+        return merged, centres, logits
+
+
+class PrunerHead(nn.Module):
+    def __init__(self, cfg: PruningConfig, hidden: int):
+        super().__init__()
+        d = cfg.pruner_d_internal
+        self.norm = nn.LayerNorm(hidden)
+        self.visual_proj = nn.Linear(hidden, d)
+        self.question_proj = nn.Linear(hidden, d)
+        self.cross = CrossAttention(d, cfg.pruner_num_heads)
+        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def forward(self, visual, question, question_valid):
+        """visual [B, Nv, H], question [B, Nq, H], question_valid [B, Nq] -> keep logits [B, Nv] (fp32)."""
+        v = self.visual_proj(self.norm(visual))
+        q = self.question_proj(self.norm(question))
+        att = self.cross(v, q, question_valid)
+        return self.mlp(torch.cat([v, att], dim=-1)).squeeze(-1).float()
+
+
+class PruningModules(nn.Module):
+    """Everything the two-stage method learns; saved and loaded as one safetensors file with
+    keys merger.* and pruners.<layer>.*."""
+
+    def __init__(self, cfg: PruningConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.merger = TokenMerger(cfg, vision_dim, text_dim)
+        self.pruners = nn.ModuleDict({str(i): PrunerHead(cfg, text_dim) for i in cfg.pruning_layers})
