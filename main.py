@@ -1,16 +1,29 @@
-"""The main job: answer questions about images with the vtprune engine and show what it costs.
+"""The main job: answer questions about images with the vtprune engine, without and with
+two-stage visual-token pruning, and show what each costs (tokens per stage, FLOPs, time).
 
-    python main.py                       # embedded default model (built locally, no download)
-    python main.py --model DIR           # any llava-hf LLaVA-1.5 directory, e.g. llava-1.5-7b-hf
+    python main.py                                   # embedded default model (built locally, no download)
+    python main.py --model DIR                       # any llava-hf LLaVA-1.5 directory
+    python main.py --pruning configs/vision_token_pruning.yaml
 """
 import argparse
 import sys
 import time
+import warnings
+
+
+def _describe(stats) -> str:
+    from vtprune.cli import _runs
+
+    return (f"visual tokens per layer {_runs(stats['visual_tokens_per_layer'])}; prefill FLOPs "
+            f"{stats['prefill_flops'] / 1e9:.3f} G ({stats['prefill_flops'] / stats['prefill_flops_unpruned']:.0%} "
+            f"of unpruned)")
 
 
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="llava-hf model directory (default: embedded tiny model)")
+    parser.add_argument("--pruning", default=None,
+                        help="pruning config YAML (default: the design's settings scaled to the model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -19,6 +32,7 @@ def run(argv=None) -> int:
     from vtprune import LlavaEngine, VtpruneError, format_prompt
     from vtprune.cli import _default_device_dtype
     from vtprune.demo import DEMO_QUESTIONS, default_model_dir, demo_image
+    from vtprune.pruning import PruningConfig
 
     try:
         model_dir = args.model or default_model_dir()
@@ -31,23 +45,32 @@ def run(argv=None) -> int:
                   "pass --model DIR for a real checkpoint")
         images = [demo_image(i) for i in range(len(DEMO_QUESTIONS))]
         prompts = [format_prompt(q) for q in DEMO_QUESTIONS]
+        cfg = args.pruning or PruningConfig.scaled_for(engine.cfg.num_visual_tokens, engine.cfg.text.num_layers,
+                                                       pruner_d_internal=min(512, engine.cfg.text.hidden_size))
+        runs = {}
+        for name in ("unpruned", "two-stage pruning"):
+            if name != "unpruned":
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    engine.set_pruning(cfg)
+                for w in caught:
+                    print(f"note: {w.message}")
+            engine.generate(images[:1], prompts[:1], max_new_tokens=2)  # warm-up (allocator, kernels)
+            t = time.perf_counter()
+            results = engine.generate(images, prompts, max_new_tokens=args.max_new_tokens)
+            runs[name] = (results, time.perf_counter() - t)
 
-        engine.generate(images[:1], prompts[:1], max_new_tokens=2)  # warm-up (allocator, kernels)
-        t = time.perf_counter()
-        results = engine.generate(images, prompts, max_new_tokens=args.max_new_tokens)
-        batched = time.perf_counter() - t
-        for q, r in zip(DEMO_QUESTIONS, results):
-            s = r.stats
-            print(f"\nQ: {q}\nA: {r.text!r}\n   {s['prompt_tokens']} prompt tokens ({s['visual_tokens']} visual), "
-                  f"{s['generated_tokens']} generated")
-        t = time.perf_counter()
-        for im, p in zip(images, prompts):
-            engine.generate([im], [p], max_new_tokens=args.max_new_tokens)
-        single = time.perf_counter() - t
-        n = sum(r.stats["generated_tokens"] for r in results)
-        print(f"\nbatch of {len(prompts)}: {batched * 1e3:.0f} ms "
-              f"(first token {results[0].stats['time_to_first_token_s'] * 1e3:.0f} ms, {n / batched:.0f} tok/s); "
-              f"one by one: {single * 1e3:.0f} ms")
+        for i, q in enumerate(DEMO_QUESTIONS):
+            print(f"\nQ: {q}")
+            for name, (results, _) in runs.items():
+                r = results[i]
+                print(f"  {name:>17}: {r.text!r}\n  {'':>17}  {r.stats['prompt_tokens']} prompt tokens "
+                      f"({r.stats['visual_tokens']} visual in), {_describe(r.stats)}")
+        print()
+        for name, (results, seconds) in runs.items():
+            n = sum(r.stats["generated_tokens"] for r in results)
+            print(f"{name:>17}: batch of {len(results)} in {seconds * 1e3:.0f} ms (first token "
+                  f"{results[0].stats['time_to_first_token_s'] * 1e3:.0f} ms, {n / seconds:.0f} generated tok/s)")
     except VtpruneError as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2

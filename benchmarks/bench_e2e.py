@@ -34,10 +34,11 @@ from vtprune.engine.config import LlavaModelConfig  # noqa: E402
 from vtprune.engine.generate import PreparedBatch  # noqa: E402
 
 
-def make_inputs(cfg: LlavaModelConfig, batch: int, text_tokens: int, device, dtype, seed=0):
-    """[B, text + visual] ids (BOS, 5 text ids, the image tokens, the remaining text ids) and pixels."""
+def make_inputs(cfg: LlavaModelConfig, batch: int, text_tokens: int, device, dtype, seed=0, n_vis=None):
+    """[B, text + visual] ids (BOS, 5 text ids, the image tokens, the remaining text ids) and pixels.
+    `n_vis`: image tokens in the prompt (fewer when a policy merges/prunes before the decoder)."""
     g = torch.Generator().manual_seed(seed)
-    n_vis = cfg.num_visual_tokens
+    n_vis = n_vis or cfg.num_visual_tokens
     vocab_hi = min(cfg.text.vocab_size, cfg.image_token_index)
     text = torch.randint(100, vocab_hi, (text_tokens,), generator=g)
     text[0] = 1  # BOS
@@ -61,11 +62,11 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_system(name, run, cfg, args, device, dtype) -> list[dict]:
+def bench_system(name, run, cfg, args, device, dtype, n_vis=None, extra=None) -> list[dict]:
     """`run(ids, pixels, n)` generates n tokens for the batch."""
     rows = []
     for b in args.batch_sizes:
-        ids, pixels = make_inputs(cfg, b, args.text_tokens, device, dtype)
+        ids, pixels = make_inputs(cfg, b, args.text_tokens, device, dtype, n_vis=n_vis)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -80,7 +81,7 @@ def bench_system(name, run, cfg, args, device, dtype) -> list[dict]:
             continue
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
         step = (full - ttft) / max(args.new_tokens - 1, 1)
-        row = {"system": name, "batch": b, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens,
+        row = {"system": name, "batch": b, "prompt_tokens": ids.shape[1], **(extra or {}), "new_tokens": args.new_tokens,
                "ttft_ms": ttft * 1e3, "decode_ms_per_step": step * 1e3,
                "generated_tok_per_s": b * args.new_tokens / full, "total_s": full, "peak_gb": peak}
         rows.append(row)
@@ -89,15 +90,40 @@ def bench_system(name, run, cfg, args, device, dtype) -> list[dict]:
     return rows
 
 
-def run_vtprune(config, args, device, dtype, use_graph=True):
-    engine = LlavaEngine.from_config(config, device=device, dtype=dtype, seed=0)
+def pruning_config(name: str, cfg: LlavaModelConfig, budget: float):
+    """'two_stage': the design's defaults (configs/vision_token_pruning.yaml, scaled to toy models);
+    a baseline: that policy at the two-stage schedule's average visual tokens per layer."""
+    from vtprune.pruning import PruningConfig
+
+    n, L = cfg.num_visual_tokens, cfg.text.num_layers
+    if name == "two_stage":
+        return PruningConfig.scaled_for(n, L, pruner_d_internal=min(512, cfg.text.hidden_size))
+    return PruningConfig(policy=name, budget=max(1, round(budget)))
+
+
+def run_vtprune(config, args, device, dtype, use_graph=True, policy=None):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random pruning heads: speed does not depend on their values
+        engine = LlavaEngine.from_config(config, device=device, dtype=dtype, seed=0)
+        extra = {}
+        if policy is not None:
+            two_stage = pruning_config("two_stage", engine.cfg, 0)
+            engine.set_pruning(two_stage)
+            budget = sum(engine.plan.visual_tokens_per_layer()) / engine.cfg.text.num_layers
+            if policy != "two_stage":
+                engine.set_pruning(pruning_config(policy, engine.cfg, budget))
+            extra = {"avg_visual_tokens_per_layer": sum(engine.plan.visual_tokens_per_layer())
+                     / engine.cfg.text.num_layers}
     engine.eos_token_ids = ()  # generate exactly n tokens, like min_new_tokens on the reference
 
     def run(ids, pixels, n):
         lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
         engine.generate_prepared(PreparedBatch(ids, lengths, pixels), n, use_cuda_graph=use_graph)
-    name = "vtprune" if use_graph else "vtprune (no CUDA graph)"
-    rows = bench_system(name, run, engine.cfg, args, device, dtype)
+    name = ("vtprune" if use_graph else "vtprune (no CUDA graph)") + (f" {policy}" if policy else "")
+    rows = bench_system(name, run, engine.cfg, args, device, dtype, n_vis=engine.prompts.num_visual_tokens,
+                        extra=extra)
     del engine
     return rows
 
@@ -125,14 +151,17 @@ def markdown(result: dict) -> str:
     lines = [f"# End-to-end generation, {result['device_name']} ({result['date']})", "",
              f"torch {result['torch']}, transformers {result['transformers']}, dtype {result['dtype']}, "
              f"config {result['config']}, {result['new_tokens']} new tokens, median of {result['repeats']}.", "",
-             "| system | batch | prompt tokens | TTFT ms | decode ms/step | generated tok/s | peak GB |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | batch | prompt tokens | avg visual tokens / layer | TTFT ms | decode ms/step | "
+             "generated tok/s | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['batch']} | – | {r['error']} | | | |")
+            lines.append(f"| {r['system']} | {r['batch']} | – | – | {r['error']} | | | |")
             continue
         peak = "–" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.1f}"  # NaN on CPU
-        lines.append(f"| {r['system']} | {r['batch']} | {r['prompt_tokens']} | {r['ttft_ms']:.1f} | "
+        avg = r.get("avg_visual_tokens_per_layer")
+        avg = "all" if avg is None else f"{avg:.0f}"
+        lines.append(f"| {r['system']} | {r['batch']} | {r['prompt_tokens']} | {avg} | {r['ttft_ms']:.1f} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['generated_tok_per_s']:.1f} | {peak} |")
     return "\n".join(lines) + "\n"
 
@@ -145,7 +174,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--text-tokens", type=int, default=45)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--systems", default="vtprune,transformers", help="vtprune, vtprune-nograph, transformers")
+    p.add_argument("--systems", default="vtprune,two_stage,fastv,pdrop,visionzip,random,transformers",
+                   help="comma-separated: vtprune (unpruned), vtprune-nograph, two_stage, fastv, pdrop, visionzip, "
+                        "random (pruned engines; baselines at two_stage's average visual tokens per layer), "
+                        "transformers")
     p.add_argument("--hf-compile", action="store_true", help="also transformers with static cache + torch.compile")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>)")
@@ -178,6 +210,8 @@ def main(argv=None):
             rows += run_vtprune(config, args, device, dtype)
         elif s == "vtprune-nograph":
             rows += run_vtprune(config, args, device, dtype, use_graph=False)
+        elif s in ("two_stage", "fastv", "pdrop", "visionzip", "random"):
+            rows += run_vtprune(config, args, device, dtype, policy=s)
         elif s == "transformers":
             rows += run_transformers(config, args, device, dtype)
         else:

@@ -11,14 +11,27 @@ def test_bench_e2e_tiny_runs_and_writes_json_and_markdown(tmp_path):
     import bench_e2e
 
     result = bench_e2e.main(["--tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--out", str(tmp_path),
-                             "--tag", "smoke"])
+                             "--tag", "smoke", "--systems", "vtprune,transformers"])
     data = json.load(open(tmp_path / "smoke.json"))
     assert data == json.loads(json.dumps(result))
     systems = {(r["system"], r["batch"]) for r in data["rows"]}
     assert systems == {("vtprune", 1), ("vtprune", 2), ("transformers (sdpa)", 1), ("transformers (sdpa)", 2)}
     for r in data["rows"]:
         assert r["prompt_tokens"] == 576 + 45 and r["ttft_ms"] > 0 and r["generated_tok_per_s"] > 0
-    assert "| vtprune | 2 | 621 |" in (tmp_path / "smoke.md").read_text()
+    assert "| vtprune | 2 | 621 | all |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_bench_e2e_pruned_systems_run(tmp_path):
+    import bench_e2e
+
+    result = bench_e2e.main(["--tiny", "--batch-sizes", "1", "--new-tokens", "3", "--out", str(tmp_path), "--tag",
+                             "p", "--systems", "two_stage,pdrop,visionzip"])
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"vtprune two_stage", "vtprune pdrop", "vtprune visionzip"}
+    # the two-stage schedule 288 -> 200 -> 150 -> 100 over 4 toy layers; baselines at the same budget
+    assert rows["vtprune two_stage"]["avg_visual_tokens_per_layer"] == (288 + 200 + 150 + 100) / 4
+    assert abs(rows["vtprune pdrop"]["avg_visual_tokens_per_layer"] - 184.5) <= 1
+    assert rows["vtprune visionzip"]["prompt_tokens"] == 45 + 184
 
 
 def test_bench_kernels_tiny_runs(tmp_path):

@@ -16,6 +16,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="llava-hf model directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--pruning", default=None, help="pruning config YAML (e.g. configs/vision_token_pruning.yaml)")
+    p.add_argument("--policy", default=None, choices=["two_stage", "fastv", "pdrop", "visionzip", "random"],
+                   help="override the config's policy (a baseline needs --budget)")
+    p.add_argument("--budget", type=int, default=None, help="baselines: average visual tokens per decoder layer")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -45,6 +49,21 @@ def _default_device_dtype(device, dtype):
     return device, dtype
 
 
+def pruning_spec(args):
+    """--pruning / --policy / --budget -> what LlavaEngine(pruning=...) takes (None: no pruning)."""
+    if args.pruning is None and args.policy is None:
+        return None
+    from .pruning import PruningConfig
+
+    cfg = PruningConfig.from_yaml(args.pruning) if args.pruning else PruningConfig()
+    if args.policy:
+        cfg.policy = args.policy
+    if args.budget is not None:
+        cfg.budget = args.budget
+    cfg.check()
+    return cfg
+
+
 def _cmd_generate(args) -> int:
     from .engine import LlavaEngine, format_prompt
     from .engine.inputs import IMAGE_TOKEN
@@ -52,7 +71,7 @@ def _cmd_generate(args) -> int:
     if len(args.image) != len(args.prompt):
         raise VtpruneError(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
     device, dtype = _default_device_dtype(args.device, args.dtype)
-    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype)
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning_spec(args))
     prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
     results = engine.generate(args.image, prompts, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -65,7 +84,23 @@ def _cmd_generate(args) -> int:
             print(f"[{image}] {prompt}\n  {r.text}\n  ({s['prompt_tokens']} prompt tokens, {s['visual_tokens']} "
                   f"visual; {s['generated_tokens']} generated; first token {s['time_to_first_token_s'] * 1e3:.0f} ms, "
                   f"decode {s['decode_s'] * 1e3:.0f} ms)")
+            if engine.plan is not None:
+                print(f"  visual tokens per layer: {_runs(s['visual_tokens_per_layer'])}; prefill FLOPs "
+                      f"{s['prefill_flops'] / 1e9:.2f} G of {s['prefill_flops_unpruned'] / 1e9:.2f} G unpruned")
     return 0
+
+
+def _runs(values) -> str:
+    """[288]*10 + [200]*10 -> '288 x10, 200 x10'."""
+    out, prev, n = [], None, 0
+    for v in list(values) + [None]:
+        if v == prev:
+            n += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev} x{n}" if n > 1 else str(prev))
+        prev, n = v, 1
+    return ", ".join(out)
 
 
 _COMMANDS = {"generate": _cmd_generate}

@@ -101,6 +101,24 @@ class PruningConfig:
             return cls.from_yaml(spec)
         raise VtpruneError(f"pruning: expected a PruningConfig, dict or YAML path, got {type(spec).__name__}")
 
+    @classmethod
+    def scaled_for(cls, num_visual_tokens: int, num_layers: int, **overrides) -> "PruningConfig":
+        """The design's defaults moved to another model size: pruning layers at the same relative
+        depths as 10/20/31 of 32, token counts in proportion to 288 -> 200 -> 150 -> 100 of 576."""
+        layers, prev = [], 0
+        for i in (10, 20, 31):
+            layer = min(max(round(i * num_layers / 32), prev + 1), num_layers - 1)
+            if layer > prev:
+                layers.append(layer)
+                prev = layer
+        scale = num_visual_tokens / 576
+        keeps = [max(1, round(k * scale)) for k in (200, 150, 100)][: len(layers)]
+        target = max(1, round(288 * scale))
+        cfg = cls(target_merge_tokens=target, merge_ratio=target / num_visual_tokens, pruning_layers=layers,
+                  layer_keep_tokens=keeps, **overrides)
+        cfg.check()
+        return cfg
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

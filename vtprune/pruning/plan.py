@@ -85,6 +85,17 @@ class PruningPlan:
         keeps = [max(1, round(n * lam ** (s + 1))) for s in range(len(layers))]
         return n, [DropPoint(layer, k) for layer, k in zip(layers, keeps)]
 
+    def visual_tokens_per_layer(self) -> list[int]:
+        """Visual tokens entering each decoder layer (top-k schedules; threshold mode: upper bound)."""
+        out, vis = [], self.visual_in_sequence
+        points = {p.layer: p for p in self.drop_points}
+        for layer in range(self.mcfg.text.num_layers):
+            p = points.get(layer)
+            if p is not None and p.keep is not None:
+                vis = min(vis, p.keep)
+            out.append(vis)
+        return out
+
     def capacities(self, T: int) -> list[int]:
         """Prompt slots each layer's KV cache needs for a batch padded to T tokens (an upper bound
         in threshold mode, where counts are only known during the prefill)."""
