@@ -87,14 +87,19 @@ def test_image_paths_and_single_prompt(small_engine, tmp_path):
 def test_kv_cache_masks():
     from vtprune.engine.kv_cache import KVCache
 
-    c = KVCache(2, 3, 1, 4, prompt_capacity=5, max_new_tokens=3, dtype=torch.float32, device="cpu")
+    c = KVCache(2, 3, 1, 4, prompt_capacity=5, max_new_tokens=3, dtype=torch.float32, device="cpu", segments=[2])
+    tensors = list(c.lengths)
     c.set_lengths(torch.tensor([2, 5]))
     m = c.decode_masks(torch.tensor([1]))
-    assert len(m) == 3 and m[0] is m[2]  # layers sharing lengths share one mask
+    assert len(m) == 3 and m[0] is m[1] and m[0] is not m[2]  # one mask per segment
     assert m[0][:, 0, 0].int().tolist() == [[1, 1, 0, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 0]]
+    assert torch.equal(m[0], m[2])
     c.set_lengths(torch.tensor([1, 1]), layers=[2])  # e.g. a pruned layer holds fewer tokens
     m = c.decode_masks(torch.tensor([0]))
-    assert m[0] is not m[2] and m[0][0, 0, 0, :3].tolist() == [True, True, False]
+    assert m[0][0, 0, 0, :3].tolist() == [True, True, False]
     assert m[2][1, 0, 0, :3].tolist() == [True, False, False]
+    assert all(a is b for a, b in zip(tensors, c.lengths))  # written in place: a CUDA graph keeps seeing them
+    with pytest.raises(ValueError, match="do not start a cache segment"):
+        c.set_lengths(torch.tensor([1, 1]), layers=[1, 2])
     with pytest.raises(ValueError, match="prompt capacity"):
         c.write_prefill(0, torch.zeros(2, 1, 6, 4), torch.zeros(2, 1, 6, 4))

@@ -78,6 +78,20 @@ def test_two_stage_token_counts_caches_and_flops(small_dir):
     assert cache.prompt_capacity == [-(-c // 64) * 64 for c in (T, T - 6, T - 10, T - 14)]
 
 
+def test_cache_lengths_are_updated_in_place_for_graph_replay(small_dir):
+    """A CUDA graph is captured before the prefill sets the lengths: the prefill must write into
+    the tensors the cache had at capture time, for every pruning segment."""
+    engine = engine_with(small_dir, **SMALL)
+    batch = engine.prepare(IMAGES, PROMPTS, 4)
+    cache, _ = engine._decoder_state(batch, 4, use_cuda_graph=True)
+    before = [t for t in cache.lengths]
+    with torch.inference_mode():
+        engine.plan.prefill(engine.model, batch, cache)
+    assert all(a is b for a, b in zip(before, cache.lengths))
+    n_text = [len(engine.prompts.encode(p)) - 18 for p in PROMPTS]
+    assert [cache.lengths[i].tolist() for i in range(4)] == [[t + v for t in n_text] for v in (18, 12, 8, 4)]
+
+
 def test_threshold_mode_is_ragged(small_dir):
     engine = engine_with(small_dir, **dict(SMALL, keep_mode="threshold", keep_threshold=0.5))
     g = torch.Generator().manual_seed(0)

@@ -304,7 +304,9 @@ class LlavaEngine:
         if self._decode_state is None or self._decode_state[0] != key:
             self._decode_state = None  # free the old buffers before allocating new ones
             t = self.cfg.text
-            cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device)
+            segments = [p.layer for p in self.plan.drop_points] if self.plan is not None else None
+            cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device,
+                            segments=segments)
             base_positions = torch.zeros(B, dtype=torch.long, device=self.device)
             runner = DecodeGraph(self.model, cache, base_positions) if graph else None
             self._decode_state = (key, cache, runner, base_positions)

@@ -19,7 +19,11 @@ import torch
 
 class KVCache:
     def __init__(self, batch: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 prompt_capacity: int | list[int], max_new_tokens: int, dtype, device):
+                 prompt_capacity: int | list[int], max_new_tokens: int, dtype, device,
+                 segments: list[int] | None = None):
+        """`segments`: first layers of the groups of layers that hold the same tokens (a pruning
+        plan's drop layers, plus 0). Each group gets one lengths tensor, allocated here once and
+        only ever written in place: a captured CUDA graph reads these very tensors."""
         caps = prompt_capacity if isinstance(prompt_capacity, list) else [prompt_capacity] * num_layers
         if len(caps) != num_layers:
             raise ValueError(f"prompt_capacity has {len(caps)} entries, expected {num_layers}")
@@ -28,23 +32,27 @@ class KVCache:
         self.k = [torch.zeros(batch, num_kv_heads, p + max_new_tokens, head_dim, dtype=dtype, device=device)
                   for p in caps]
         self.v = [torch.zeros_like(k) for k in self.k]
-        # Valid prompt slots per row and layer. Layers that share a tensor share a decode mask.
-        full = torch.zeros(batch, dtype=torch.long, device=device)
-        self.lengths: list[torch.Tensor] = [full] * num_layers
+        starts = sorted({0, *(segments or [])})
+        self.lengths: list[torch.Tensor] = []
+        for i in range(num_layers):
+            if i in starts:
+                group = torch.zeros(batch, dtype=torch.long, device=device)
+            self.lengths.append(group)
+        self.segment_starts = starts
 
     def capacity(self, layer: int) -> int:
         return self.k[layer].shape[2]
 
     def set_lengths(self, lengths: torch.Tensor, layers=None) -> None:
-        """Record how many prompt slots of each row are valid, for `layers` (default all).
-        Written in place when the layers already share one tensor, so captured graphs see it."""
+        """Record how many prompt slots of each row are valid for `layers` (default all), which
+        must be a whole number of segments. In place, so captured graphs see it."""
         layers = list(range(len(self.k))) if layers is None else list(layers)
-        shared = self.lengths[layers[0]]
-        if [i for i, t in enumerate(self.lengths) if t is shared] != layers:
-            shared = torch.zeros_like(shared)
-            for i in layers:
-                self.lengths[i] = shared
-        shared.copy_(lengths)
+        starts = [i for i in layers if i in self.segment_starts]
+        if not layers or layers[0] not in self.segment_starts:
+            raise ValueError(f"set_lengths: layers {layers[:1]}... do not start a cache segment "
+                             f"{self.segment_starts}")
+        for i in starts:
+            self.lengths[i].copy_(lengths)
 
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         T = k.shape[2]
