@@ -16,11 +16,8 @@ Writes a JSON file and a markdown table (into benchmarks/results/ by default).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import RESULTS_DIR, device_name, today, write_results  # noqa: E402
 
 from vtprune import LlavaEngine  # noqa: E402
 from vtprune.engine.config import LlavaModelConfig  # noqa: E402
@@ -179,7 +179,7 @@ def main(argv=None):
                         "random (pruned engines; baselines at two_stage's average visual tokens per layer), "
                         "transformers")
     p.add_argument("--hf-compile", action="store_true", help="also transformers with static cache + torch.compile")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>)")
     args = p.parse_args(argv)
 
@@ -223,21 +223,13 @@ def main(argv=None):
         rows += run_transformers(config, args, device, dtype, compile_=True)
 
     import transformers
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    date = datetime.date.today().isoformat()
+    name = device_name(device)
+    date = today()
     result = {"benchmark": "e2e", "date": date, "device_name": name, "torch": torch.__version__,
               "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
               "config": "tiny" if args.tiny else "llava-1.5-7b", "new_tokens": args.new_tokens,
               "text_tokens": args.text_tokens, "repeats": args.repeats, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.tag or f"e2e-{name.replace(' ', '_').replace('/', '_')}-{date}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(result)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table)
-    print("\n" + table)
-    print(f"wrote {os.path.join(args.out, stem)}.json/.md")
+    write_results(args.out, "e2e", args.tag, result, markdown(result))
     return result
 
 

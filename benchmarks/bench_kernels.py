@@ -12,10 +12,7 @@ perf-anchors.md). Writes JSON and a markdown table into benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import RESULTS_DIR, device_name, today, write_results  # noqa: E402
 
 from vtprune.kernels import compaction, gumbel_topk, soft_merge  # noqa: E402
 from vtprune.kernels.soft_merge import soft_merge_reference  # noqa: E402
@@ -200,7 +200,7 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--copy-gbs", type=float, default=4250.0)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     if args.tiny:
@@ -218,18 +218,11 @@ def main(argv=None):
         args.repeats = args.repeats or 50
         dtype = torch.bfloat16
     rows = selection_cases(args, device) + merge_cases(args, device, dtype) + compaction_cases(args, device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    date = datetime.date.today().isoformat()
+    name = device_name(device)
+    date = today()
     result = {"benchmark": "kernels", "date": date, "device_name": name, "torch": torch.__version__,
               "copy_gbs": args.copy_gbs, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.tag or f"kernels-{name.replace(' ', '_').replace('/', '_')}-{date}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(result)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table)
-    print("\n" + table)
+    write_results(args.out, "kernels", args.tag, result, markdown(result))
     return result
 
 
