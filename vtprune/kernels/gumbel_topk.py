@@ -47,7 +47,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gumbel_topk_kernel(logits_ptr, stride_b, stride_n, k_ptr, idx_ptr, mask_ptr, soft_ptr,
-                            N, KMAX, seed, inv_tau, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                            N, KMAX, seed, inv_tau, NOISE: tl.constexpr, PER_ROW_K: tl.constexpr,
+                            BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         valid = offs < N
@@ -56,7 +57,10 @@ if HAVE_TRITON:
         if NOISE:
             x = x + _gumbel(seed, row * N + offs)
         x = x + 0.0  # -0.0 -> +0.0, so equal values have equal keys
-        k = tl.load(k_ptr + row).to(tl.int32)
+        if PER_ROW_K:
+            k = tl.load(k_ptr + row).to(tl.int32)
+        else:
+            k = KMAX
         # Order-preserving integer image of the float, then the index in the low 32 bits
         # (reversed, so that among equal values the lower index has the larger key).
         bits = x.to(tl.int32, bitcast=True)
@@ -133,15 +137,16 @@ class GumbelTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, k, kmax: int, tau: float, noise: bool, seed: int | None):
+        """k: a [B] int64 tensor (per-row counts) or None (every row keeps kmax)."""
         B, N = logits.shape
         dev = logits.device
         idx = torch.empty(B, kmax, dtype=torch.long, device=dev)
         mask = torch.empty(B, N, dtype=torch.float32, device=dev)
         soft = torch.empty(B, N, dtype=torch.float32, device=dev)
         BLOCK = next_pow2(N)
-        _gumbel_topk_kernel[(B,)](logits, logits.stride(0), logits.stride(1), k, idx, mask, soft, N, kmax,
-                                  _resolve_seed(seed) if noise else 0, 1.0 / tau, NOISE=noise, BLOCK=BLOCK,
-                                  num_warps=8 if BLOCK >= 2048 else 4)
+        _gumbel_topk_kernel[(B,)](logits, logits.stride(0), logits.stride(1), idx if k is None else k, idx, mask,
+                                  soft, N, kmax, _resolve_seed(seed) if noise else 0, 1.0 / tau, NOISE=noise,
+                                  PER_ROW_K=k is not None, BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4)
         ctx.save_for_backward(soft)
         ctx.tau = tau
         ctx.mark_non_differentiable(idx)
@@ -184,7 +189,7 @@ def gumbel_topk(logits: torch.Tensor, k, tau: float = 1.0, noise: bool = True, s
     else:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
             raise ValueError(f"gumbel_topk: k must be an int in 1..N = 1..{N}, got {k!r}")
-        k_t, kmax = torch.full((B,), k, dtype=torch.long, device=logits.device), k
+        k_t, kmax = None, k  # a scalar k goes to the kernel as is: no extra launch
     if validate and B and torch.isnan(logits).any():
         row = int(torch.isnan(logits).any(-1).nonzero()[0, 0])
         raise ValueError(f"gumbel_topk: logits contain NaN (first in row {row})")
@@ -194,4 +199,6 @@ def gumbel_topk(logits: torch.Tensor, k, tau: float = 1.0, noise: bool = True, s
     if use_triton(logits) and N <= MAX_TRITON_N and logits.dtype != torch.float64:
         return GumbelTopKFunction.apply(logits, k_t, kmax, float(tau), bool(noise), seed)
     g = gumbel_noise((B, N), seed, logits.device, triton_path=False) if noise else None
+    if k_t is None:
+        k_t = torch.full((B,), kmax, dtype=torch.long, device=logits.device)
     return gumbel_topk_reference(logits, k_t, kmax, float(tau), g)
