@@ -36,6 +36,14 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    b = sub.add_parser("batch", help="answer a JSONL file of requests (resumable)")
+    _add_model_args(b)
+    b.add_argument("--input", required=True, help='JSONL: {"id", "image", "prompt" or "question"} per line')
+    b.add_argument("--output", required=True, help="JSONL answers (appended to; re-run to resume)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -103,7 +111,59 @@ def _runs(values) -> str:
     return ", ".join(out)
 
 
-_COMMANDS = {"generate": _cmd_generate}
+def _cmd_batch(args) -> int:
+    import os
+
+    from .batch import run_job
+    from .engine import LlavaEngine
+
+    if not os.path.isfile(args.input):
+        raise VtpruneError(f"input file not found: {args.input}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device, dtype = _default_device_dtype(args.device, args.dtype)
+    if world > 1:  # torchrun: every rank answers its shard into its own part file
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        if str(device).startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning_spec(args))
+    part = args.output if world == 1 else f"{args.output}.part{rank}-of-{world}"
+    counts = run_job(engine, args.input, part, args.batch_size, args.max_new_tokens, shard=(rank, world),
+                     progress=not args.no_progress and rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _merge_parts(args.output, [f"{args.output}.part{r}-of-{world}" for r in range(world)])
+        dist.destroy_process_group()
+    print(f"rank {rank}: " if world > 1 else "", end="")
+    print(f"answered {counts['answered']}, errors {counts['errors']}, already done {counts['skipped']}, "
+          f"{counts['generated_tokens']} tokens in {counts['seconds']:.1f} s "
+          f"({counts['answered'] / max(counts['seconds'], 1e-9):.2f} req/s)")
+    return 0
+
+
+def _merge_parts(output: str, parts: list[str]) -> None:
+    """The parts' records, written to `output` atomically (parts are kept: a re-run resumes from them)."""
+    import os
+
+    tmp = output + ".merging"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for p in parts:
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    for line in f:
+                        if line.endswith("\n"):
+                            out.write(line)
+    os.replace(tmp, output)
+
+
+_COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch}
 
 
 def main(argv=None) -> int:
