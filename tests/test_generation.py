@@ -103,3 +103,22 @@ def test_kv_cache_masks():
         c.set_lengths(torch.tensor([1, 1]), layers=[1, 2])
     with pytest.raises(ValueError, match="prompt capacity"):
         c.write_prefill(0, torch.zeros(2, 1, 6, 4), torch.zeros(2, 1, 6, 4))
+
+
+def test_prompts_about_one_image_share_its_vision_pass(small_engine, monkeypatch, tmp_path):
+    im = make_image(11)
+    im.save(tmp_path / "a.png")
+    other = make_image(12)
+    prompts = [P, format_prompt("What colour?"), format_prompt("How many?"), P]
+    images = [im, im, str(tmp_path / "a.png"), other]
+    batch = small_engine.prepare(images, prompts)
+    assert batch.pixel_values.shape[0] == 3 and batch.image_index.tolist() == [0, 0, 1, 2]
+    seen = []
+    real = small_engine.model.vision.forward
+    monkeypatch.setattr(small_engine.model.vision, "forward", lambda px, probe=None: seen.append(px.shape[0]) or
+                        real(px, probe))
+    shared = small_engine.generate(images, prompts, max_new_tokens=6)
+    assert seen == [3]
+    monkeypatch.undo()
+    for i, r in enumerate(shared):
+        assert r.token_ids == small_engine.generate([images[i]], [prompts[i]], max_new_tokens=6)[0].token_ids

@@ -83,10 +83,13 @@ def answer_requests(engine, requests: Iterable[dict], batch_size: int = 16, max_
         yield from errors
         if not batch:
             continue
-        good, images = [], []
-        for r in batch:  # load each image once per batch, report bad ones per request
+        good, images, cache = [], [], {}
+        for r in batch:  # load each image once per batch (one object: the engine encodes it once)
+            key = str(r.image)
             try:
-                images.append(load_image(r.image, 0))
+                if key not in cache:
+                    cache[key] = load_image(r.image, 0)
+                images.append(cache[key])
                 good.append(r)
             except VtpruneError as e:
                 yield {"id": r.id, "line": r.line, "error": str(e).replace("image 0: ", "image: ")}

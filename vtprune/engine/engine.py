@@ -156,7 +156,16 @@ class LlavaEngine:
         if not isinstance(images, (list, tuple)):
             images = [images]
         check_pairs(images, prompts)
-        pil = [load_image(im, i) for i, im in enumerate(images)]
+        # Several prompts about one image (the same path, or the same PIL object) share its
+        # vision-tower pass: only distinct images are preprocessed and encoded.
+        keys, index, distinct = {}, [], []
+        for i, im in enumerate(images):
+            key = ("path", os.path.realpath(os.fspath(im))) if isinstance(im, (str, os.PathLike)) else ("obj", id(im))
+            if key not in keys:
+                keys[key] = len(distinct)
+                distinct.append(im)
+            index.append(keys[key])
+        pil = [load_image(im, index.index(j)) for j, im in enumerate(distinct)]
         ids = [self.prompts.encode(p) for p in prompts]
         ctx = self.cfg.text.max_position_embeddings
         for i, row in enumerate(ids):
@@ -173,8 +182,9 @@ class LlavaEngine:
         with _quiet_transformers():
             pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
         lengths = torch.tensor([len(r) for r in ids], dtype=torch.long)
+        image_index = None if len(distinct) == len(images) else torch.tensor(index).to(self.device)
         return PreparedBatch(input_ids.to(self.device), lengths.to(self.device),
-                             pixels.to(self.device, self.dtype))
+                             pixels.to(self.device, self.dtype), image_index)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()

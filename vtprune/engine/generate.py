@@ -21,16 +21,23 @@ from .sampling import sample_next
 class PreparedBatch:
     input_ids: torch.Tensor      # [B, T] int64, right-padded, image tokens expanded
     lengths: torch.Tensor        # [B] int64 on the device: prompt tokens per row
-    pixel_values: torch.Tensor   # [B, C, H, W]
+    pixel_values: torch.Tensor   # [U, C, H, W]: the batch's distinct images
+    image_index: torch.Tensor | None = None  # [B]: row -> its image in pixel_values (None: row i -> i)
 
     @property
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
 
 
+def vision_features(model: LlavaModel, batch: PreparedBatch, probe=None) -> torch.Tensor:
+    """The vision tower once per distinct image, then one row per prompt: [B, tokens, Dv]."""
+    feats = model.vision(batch.pixel_values, probe=probe)
+    return feats if batch.image_index is None else feats[batch.image_index]
+
+
 def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None) -> torch.Tensor:
     """Vision tower, projector and decoder over the prompts; returns each row's last logits [B, V]."""
-    feats = model.image_features(batch.pixel_values)
+    feats = model.projector(vision_features(model, batch))
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
     positions = torch.arange(T, device=x.device).expand(B, T)

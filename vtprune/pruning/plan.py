@@ -27,7 +27,7 @@ import torch
 
 from ..engine.config import LlavaModelConfig
 from ..engine.flops import prefill_flops
-from ..engine.generate import PreparedBatch
+from ..engine.generate import PreparedBatch, vision_features
 from ..engine.model import LlavaModel
 from ..errors import VtpruneError
 from ..kernels import gather_tokens, gumbel_topk
@@ -114,9 +114,10 @@ class PruningPlan:
         c = self.cfg
         if c.policy == "visionzip":
             cls_attn = {}
-            feats = model.vision(batch.pixel_values, probe=lambda q, k: cls_attn.update(a=_cls_attention(q, k)))
-            return model.projector(_visionzip(feats, cls_attn["a"], self.visual_in_sequence, self.mcfg))
-        feats = model.vision(batch.pixel_values)
+            feats = vision_features(model, batch, probe=lambda q, k: cls_attn.update(a=_cls_attention(q, k)))
+            a = cls_attn["a"] if batch.image_index is None else cls_attn["a"][batch.image_index]
+            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg))
+        feats = vision_features(model, batch)
         if c.policy == "random":
             # one random subset (seed 0) for every image: reproducible, and a row's result does
             # not depend on what else is in its batch
