@@ -26,7 +26,7 @@ print('loaded', load_ops(), 'cuda kernels', has_cuda_kernels(), _state.get('reas
 " 2>&1 | tee "$OUT/build.txt"
 
 echo "== tests"
-python -m pytest -q -x tests/test_compaction.py tests/test_gumbel_topk.py tests/test_soft_merge.py \
+python -m pytest -q tests/test_compaction.py tests/test_gumbel_topk.py tests/test_soft_merge.py \
   tests/test_engine_cuda.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 
 echo "== kernel benchmarks"
@@ -39,4 +39,11 @@ elif [ "$QUICK" = "--quick" ]; then
   python benchmarks/bench_e2e.py --out "$OUT" --batch-sizes 1,64 --repeats 3 2>&1 | tail -20 | tee "$OUT/bench_e2e.log"
 else
   python benchmarks/bench_e2e.py --out "$OUT" 2>&1 | tail -20 | tee "$OUT/bench_e2e.log"
+fi
+
+echo "== batch job benchmark"
+if [ -n "$SIZE" ]; then
+  python benchmarks/bench_batch.py --tiny --out "$OUT" 2>&1 | tail -8 | tee "$OUT/bench_batch.log"
+else
+  python benchmarks/bench_batch.py --out "$OUT" 2>&1 | tail -8 | tee "$OUT/bench_batch.log"
 fi

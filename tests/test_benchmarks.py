@@ -43,3 +43,13 @@ def test_bench_kernels_tiny_runs(tmp_path):
                    "gather_tokens hidden states", "compact_kv one layer (K and V)", "compact_kv 3 layers, one launch"]
     assert all(r["vtprune_us"] > 0 and r["torch_us"] > 0 for r in result["rows"])
     assert json.dumps(json.load(open(tmp_path / "k.json"))["rows"]) == json.dumps(result["rows"])  # NaN-safe
+
+
+def test_bench_batch_tiny_runs(tmp_path):
+    import bench_batch
+
+    result = bench_batch.main(["--tiny", "--requests", "4", "--per-image", "2", "--batch-size", "2",
+                               "--new-tokens", "2", "--out", str(tmp_path), "--tag", "b"])
+    assert [r["system"] for r in result["rows"]] == ["vtprune batch", "transformers generate (sdpa)"]
+    assert all(r["requests"] == 4 and r["requests_per_s"] > 0 for r in result["rows"])
+    assert (tmp_path / "b.md").exists()
