@@ -207,3 +207,41 @@ def test_yaml_errors(tmp_path, small_dir):
         PruningConfig.from_yaml(tmp_path / "bad.yaml")
     (tmp_path / "e.yaml").write_text("merge_sparsity_weight: 1e-4\npruning_layers: [1, 2, 3]\n")
     assert PruningConfig.from_yaml(tmp_path / "e.yaml").merge_sparsity_weight == 1e-4  # YAML's '1e-4' string
+
+
+@pytest.mark.parametrize("name,cfg", [("none", None)] + [POLICIES[i] for i in (0, 1, 2, 3, 4, 5)],
+                         ids=["none", "two_stage", "question_aware", "threshold", "fastv", "pdrop", "visionzip"])
+def test_shared_image_prefix_gives_the_same_answers(small_dir, small_engine, name, cfg):
+    """Three questions about one image and one about another: the prefix runs once per image
+    (engine/shared_prefix.py) and the answers equal those of an unshared prefill."""
+    engine = small_engine if cfg is None else engine_with(small_dir, **cfg)
+    im, other = make_image(50), make_image(51)
+    images = [im, im, other, im]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], format_prompt("Is it red?")]
+    try:
+        engine.share_prefix = True
+        shared = engine.generate(images, prompts, max_new_tokens=8)
+        logits_shared = engine.next_token_logits(images, prompts)
+        engine.share_prefix = False
+        plain = engine.generate(images, prompts, max_new_tokens=8)
+        logits_plain = engine.next_token_logits(images, prompts)
+    finally:
+        engine.share_prefix = True
+    torch.testing.assert_close(logits_shared, logits_plain, atol=1e-4, rtol=1e-4)
+    if name != "threshold":  # threshold decisions may flip on float noise near the cut
+        assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
+    assert [r.stats["tokens_per_layer"] for r in shared] == [r.stats["tokens_per_layer"] for r in plain] \
+        or name == "threshold"
+
+
+def test_shared_prefix_runs_the_prefix_once(small_engine, monkeypatch):
+    from vtprune.engine import shared_prefix
+
+    calls = []
+    real = shared_prefix.prefill_shared_prefix
+    monkeypatch.setattr(shared_prefix, "prefill_shared_prefix",
+                        lambda model, batch, x, sharing, stop, cache: calls.append(sharing[2].tolist()) or
+                        real(model, batch, x, sharing, stop, cache))
+    im = make_image(52)
+    small_engine.next_token_logits([im, im, im], PROMPTS)
+    assert calls == [[0]]  # one distinct prefix, computed from row 0

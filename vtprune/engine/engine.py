@@ -94,6 +94,7 @@ class LlavaEngine:
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.pad_token_id = 0 if self.cfg.image_token_index != 0 else 1
         self._decode_state: tuple | None = None  # (key, KVCache, DecodeGraph | None, base positions)
+        self.share_prefix = True  # rows about one image compute their common prefix once
         self.set_pruning(None)
 
     def set_pruning(self, pruning) -> None:
@@ -267,8 +268,8 @@ class LlavaEngine:
     # ------------------------------------------------------------------ internals
     def _prefill(self, batch: PreparedBatch, cache):
         if self.plan is None:
-            return prefill(self.model, batch, cache), None
-        return self.plan.prefill(self.model, batch, cache)
+            return prefill(self.model, batch, cache, self.share_prefix), None
+        return self.plan.prefill(self.model, batch, cache, self.share_prefix)
 
     def _layer_stats(self, batch: PreparedBatch, trace) -> dict[str, list]:
         """Per row: visual and total tokens entering each decoder layer, prefill FLOPs with and

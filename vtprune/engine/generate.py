@@ -35,15 +35,21 @@ def vision_features(model: LlavaModel, batch: PreparedBatch, probe=None) -> torc
     return feats if batch.image_index is None else feats[batch.image_index]
 
 
-def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None) -> torch.Tensor:
+def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None, share_prefix: bool = True) -> torch.Tensor:
     """Vision tower, projector and decoder over the prompts; returns each row's last logits [B, V]."""
+    from .shared_prefix import plan_sharing, prefill_shared_prefix
+
     feats = model.projector(vision_features(model, batch))
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
     positions = torch.arange(T, device=x.device).expand(B, T)
     if cache is not None:
         cache.set_lengths(batch.lengths)
-    h = model.decoder(x, positions, cache)
+    sharing = plan_sharing(batch, model.cfg.image_token_index) if share_prefix else None
+    if sharing is not None:  # questions about one image: its prefix runs once (shared_prefix.py)
+        h = prefill_shared_prefix(model, batch, x, sharing, model.cfg.text.num_layers, cache)
+    else:
+        h = model.decoder(x, positions, cache)
     last = h[torch.arange(B, device=h.device), batch.lengths - 1]
     return model.decoder.logits(last)
 

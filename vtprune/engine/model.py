@@ -185,12 +185,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask, probe=None, key_logmask=None):
+    def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask, probe=None, key_logmask=None,
+                past=None):
         """Prefill (write_slot None): causal attention over x, K/V stored in cache slots [0, T).
         Decode (write_slot a 1-element LongTensor): K/V written at that slot, then attention
         over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool).
         `probe(q, k)` sees the rotated queries and keys of a prefill (for attention-score policies);
-        `key_logmask` [B, T] (0 or -inf) hides keys in a prefill (training: masking, not dropping)."""
+        `key_logmask` [B, T] (0 or -inf) hides keys in a prefill (training: masking, not dropping).
+        `past` (k, v, lengths): a shared prefix's keys/values [B, Hkv, S, Dh], of which row b's first
+        lengths[b] are real; x then continues that prefix (engine/shared_prefix.py)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -202,7 +205,15 @@ class Attention(nn.Module):
                 probe(q, k)
             if cache is not None:
                 cache.write_prefill(self.layer_idx, k, v)
-            if key_logmask is None:
+            if past is not None:
+                k_p, v_p, plen = past
+                S = k_p.shape[2]
+                seen = torch.arange(S, device=x.device)[None, :] < plen[:, None]                 # [B, S]
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                mask = torch.cat([seen[:, None, :].expand(B, T, S), causal.expand(B, T, T)], dim=2)[:, None]
+                out = F.scaled_dot_product_attention(q, torch.cat([k_p, k], 2), torch.cat([v_p, v], 2),
+                                                     attn_mask=mask, **gqa)
+            elif key_logmask is None:
                 # Right-padded rows need no mask: a real token's causal window holds only real tokens.
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
             else:
@@ -237,8 +248,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None, probe=None, key_logmask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask, probe, key_logmask)
+    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None, probe=None, key_logmask=None, past=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask, probe, key_logmask,
+                               past)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -256,14 +268,15 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None, layers=None, probes=None,
-                key_logmasks=None):
+                key_logmasks=None, pasts=None):
         """Runs `layers` (default all; a range lets the pruned prefill stop between layers).
         probes / key_logmasks: optional {layer index: ...} passed to that layer's attention."""
         cos, sin = self.rotary(positions, x.dtype)
         for i in range(len(self.layers)) if layers is None else layers:
             x = self.layers[i](x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i],
                                None if probes is None else probes.get(i),
-                               None if key_logmasks is None else key_logmasks.get(i))
+                               None if key_logmasks is None else key_logmasks.get(i),
+                               None if pasts is None else pasts[i])
         return x
 
     def logits(self, h):

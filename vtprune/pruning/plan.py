@@ -134,9 +134,11 @@ class PruningPlan:
         return model.projector(feats)
 
     # ------------------------------------------------------------------ the pruned prefill
-    def prefill(self, model: LlavaModel, batch: PreparedBatch, cache):
+    def prefill(self, model: LlavaModel, batch: PreparedBatch, cache, share_prefix: bool = True):
         """Like engine.generate.prefill, dropping visual tokens at each drop point.
         Returns (last-token logits [B, V], PrefillTrace)."""
+        from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
+
         feats = self.visual_features(model, batch)
         x = model.embed(batch.input_ids, feats)
         B, T = batch.input_ids.shape
@@ -152,12 +154,24 @@ class PruningPlan:
         probes = self._probes(points, lengths)
         vis_count, trace = is_visual.sum(1), PrefillTrace([], [], {})
         start = 0
+        # Rows about one image share the layers before the first decision (and before any
+        # attention probe); a question-aware merge makes even the image tokens row-specific.
+        question_aware = self.cfg.policy == "two_stage" and self.cfg.merger_type == "question_aware"
+        sharing = (plan_sharing(batch, self.mcfg.image_token_index)
+                   if share_prefix and not question_aware else None)
+        if sharing is not None:
+            stop = min([*points, *probes.hooks, L])
+            if stop > 0:
+                x = prefill_shared_prefix(model, batch, x, sharing, stop, cache)
+                trace.visual += [vis_count] * stop
+                trace.total += [lengths] * stop
+                start = stop
         for layer in sorted(points) + [L]:
             if start < layer:
                 x = model.decoder(x, positions, cache, layers=range(start, layer), probes=probes.hooks)
-            trace.visual += [vis_count] * (layer - start)
-            trace.total += [lengths] * (layer - start)
-            start = layer
+            trace.visual += [vis_count] * max(0, layer - start)
+            trace.total += [lengths] * max(0, layer - start)
+            start = max(start, layer)
             if layer == L:
                 break
             keep = self._keep_mask(model, points[layer], x, is_visual, is_question, lengths, probes.scores.get(layer))
