@@ -57,3 +57,11 @@ def test_pruned_graph_equals_eager_and_cpu(tiny_dir, cfg):
     assert [r.stats["visual_tokens_per_layer"] for r in graph] == [r.stats["visual_tokens_per_layer"] for r in eager]
     if cfg.get("keep_mode") != "threshold":  # threshold decisions may flip on float noise
         assert [r.token_ids for r in graph] == [r.token_ids for r in cpu.generate(ims, PROMPTS, max_new_tokens=16)]
+
+
+def test_shared_prefix_on_gpu(tiny_dir, engine):
+    gpu = LlavaEngine.from_pretrained(tiny_dir, device="cuda", dtype=torch.float32)
+    im = make_image(7)
+    prompts = PROMPTS + [format_prompt("Is it red?")]
+    shared = [r.token_ids for r in gpu.generate([im, im, im], prompts, max_new_tokens=12)]
+    assert shared == [r.token_ids for r in engine.generate([im, im, im], prompts, max_new_tokens=12)]
