@@ -68,9 +68,13 @@ class TokenMerger(nn.Module):
         logits = self.scores(feats, question, question_valid)
         if self.target >= N:  # merging N tokens into N centres is keeping them
             return feats, torch.arange(N, device=feats.device).expand(B, N), logits
-        centres, _, _ = gumbel_topk(logits, self.target, tau=tau, noise=noise, seed=seed, validate=False)
+        centres, mask, _ = gumbel_topk(logits, self.target, tau=tau, noise=noise, seed=seed, validate=False)
         picked = feats.gather(1, centres[..., None].expand(-1, -1, feats.shape[-1]))
         merged = soft_merge(feats, self.key_proj(feats), self.query_proj(picked), tau=tau)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            # Training: the straight-through mask is exactly 1 at every centre, so this changes no
+            # value, but its gradient reaches the importance logits (the choice of centres).
+            merged = merged * mask.gather(1, centres)[..., None].to(merged.dtype)
         return merged, centres, logits
 
 
