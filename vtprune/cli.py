@@ -1,7 +1,7 @@
 """The `vtprune` command line.
 
 Bad input ends with one line on stderr (`vtprune: error: ...`) and exit status 2; a bug keeps
-its traceback. Subcommands: generate (this file); train, eval and batch arrive with their issues.
+its traceback. Subcommands: generate, batch, train (eval arrives with its issue).
 """
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("train", help="train the token merger and pruner heads (adversarial, frozen LLaVA)")
+    t.add_argument("--model", required=True, help="llava-hf model directory (stays frozen)")
+    t.add_argument("--config", required=True, help="pruning config YAML (two_stage; loss weights, learning rates)")
+    t.add_argument("--data", required=True, help='JSONL: {"image", "question", "answer"} per line')
+    t.add_argument("--out", required=True, help="run directory: log.jsonl, checkpoint/, pruning.safetensors/.yaml")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=4, help="examples per step and process")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    t.add_argument("--dtype", default=None, help="frozen model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--adv-loss", default="non_saturating", choices=["non_saturating", "hinge"])
+    t.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute decoder layers in the backward pass (the 7B model on one GPU)")
+    t.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -163,7 +180,29 @@ def _merge_parts(output: str, parts: list[str]) -> None:
     os.replace(tmp, output)
 
 
-_COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch}
+def _cmd_train(args) -> int:
+    from .training import Trainer, TrainSettings
+
+    settings = TrainSettings(model=args.model, config=args.config, data=args.data, out=args.out, steps=args.steps,
+                             epochs=args.epochs, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                             seed=args.seed, adv_loss=args.adv_loss, save_every=args.save_every,
+                             gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
+    trainer = Trainer(settings, resume=args.resume)
+    try:
+        if trainer.step >= settings.steps:
+            print(f"{args.out}: already trained to step {trainer.step} of {settings.steps}")
+            return 0
+        record = trainer.train()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(f"trained to step {trainer.step} of {settings.steps}: loss {record['g_loss']:.4f} (task CE "
+              f"{record['ce']:.4f}, KL {record['kl']:.4f}), discriminator accuracy {record['d_acc']:.2f}\n"
+              f"weights: {args.out}/pruning.safetensors; use them with --pruning {args.out}/pruning.yaml")
+    return 0
+
+
+_COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch, "train": _cmd_train}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,242 @@
+"""The training package (issue 6) on a tiny model (84 px -> 36 visual tokens, 4 decoder layers):
+the training forward against the inference prefill, gradients, the loss going down, frozen
+weights, resume, loading the result into the engine, the CLI and torchrun (2 processes, gloo)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import make_image
+
+from vtprune.pruning import PruningConfig
+from vtprune.training import Trainer, TrainSettings
+from vtprune.training.forward import answer_positions, student_forward
+
+QUESTIONS = ["What colour is the square?", "How many circles are there?", "Is the star left of the moon?",
+             "What shape is the red object?", "Describe the image.", "Is there a blue triangle?"]
+ANSWERS = ["Red.", "Three.", "Yes, it is.", "A circle.", "Shapes on a grey background.", "No."]
+
+
+def _write_run(tmp_path, merger_type="question_aware", lr=1e-2, n=6, **overrides):
+    for i in range(n):
+        make_image(10 + i, 90, 80).save(tmp_path / f"img{i}.png")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"image": f"img{i}.png", "question": QUESTIONS[i % 6], "answer": ANSWERS[i % 6]}) + "\n")
+    cfg = PruningConfig.scaled_for(36, 4, pruner_d_internal=32, merger_type=merger_type).to_dict()
+    cfg["optimizers"] = {k: {"lr": lr} for k in ("token_merger", "layer_pruners", "discriminator")}
+    cfg.update(overrides)
+    with open(tmp_path / "cfg.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(tmp_path / "cfg.yaml"), str(tmp_path / "train.jsonl")
+
+
+def _trainer(small_dir, tmp_path, steps=4, resume=False, out="run", batch_size=2, **cfg_overrides):
+    if not (tmp_path / "cfg.yaml").exists() or cfg_overrides:
+        _write_run(tmp_path, **cfg_overrides)
+    s = TrainSettings(model=small_dir, config=str(tmp_path / "cfg.yaml"), data=str(tmp_path / "train.jsonl"),
+                      out=str(tmp_path / out), steps=steps, batch_size=batch_size, progress=False)
+    return Trainer(s, resume=resume)
+
+
+@pytest.mark.parametrize("merger_type", ["simple", "question_aware"])
+def test_training_forward_equals_the_dropping_prefill(small_dir, tmp_path, merger_type):
+    """With the decisions inference would take (no noise, tau = temperature_min), the masked
+    training forward gives the same next-token logits as the engine's pruned prefill, which
+    physically drops the tokens."""
+    from vtprune import LlavaEngine, format_prompt
+
+    tr = _trainer(small_dir, tmp_path, merger_type=merger_type)
+    for p in tr.modules.parameters():  # make the heads decisive, so ties cannot flip a choice
+        torch.nn.init.normal_(p, std=0.3)
+    examples = tr.data.examples[:3]
+    batch = tr.builder.build(examples, tr.device, tr.dtype)
+    from vtprune.engine.generate import PreparedBatch, vision_features
+    with torch.no_grad():
+        vis = vision_features(tr.model, PreparedBatch(batch.full.input_ids, batch.full.lengths, batch.pixel_values))
+        out = student_forward(tr.model, tr.modules, tr.cfg, batch, vis, tr.cfg.temperature_min, None, tr.layers,
+                              noise=False)
+    r, c = answer_positions(batch.pruned)
+    first = (c == batch.pruned.prompt_lengths[r] - 1).nonzero()[:, 0]
+    train_logits = out.logits[first]  # each row's first answer position = its last prompt token
+
+    from vtprune.pruning.weights import save_pruning_weights
+    save_pruning_weights(tr.modules, str(tmp_path / "trained.safetensors"))
+    cfg = PruningConfig.load(str(tmp_path / "cfg.yaml"))
+    cfg.weights = str(tmp_path / "trained.safetensors")
+    engine = LlavaEngine.from_pretrained(small_dir, pruning=cfg)
+    infer = engine.next_token_logits([e.image for e in examples], [format_prompt(e.question) for e in examples])
+    assert [int(k.float().mean()) for k in out.kept.values()] == tr.cfg.layer_keep_tokens
+    torch.testing.assert_close(train_logits, infer, atol=2e-5, rtol=1e-5)
+
+
+def test_every_head_and_the_discriminator_receive_gradients(small_dir, tmp_path):
+    # sparsity off: the gradients must come through the masks (task loss) and the features (adv)
+    tr = _trainer(small_dir, tmp_path, merge_sparsity_weight=0.0)
+    terms = tr.losses(0)
+    terms["g_loss"].backward()
+    merger = tr.modules.merger
+    for name, mod in [("merger importance", merger.importance), ("merger keys", merger.key_proj),
+                      ("merger queries", merger.query_proj)] + [(f"pruner {k}", h) for k, h in tr.modules.pruners.items()]:
+        grads = [p.grad for p in mod.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, f"{name} received no gradient"
+    # task loss alone reaches every pruner head too (the straight-through masks at work)
+    tr.modules.zero_grad(set_to_none=True)
+    terms = tr.losses(0)
+    (terms["ce"] + terms["kl"]).backward()
+    for k, h in tr.modules.pruners.items():
+        assert sum(float(p.grad.abs().sum()) for p in h.parameters() if p.grad is not None) > 0, k
+    tr.discriminator.zero_grad(set_to_none=True)
+    from vtprune.training.losses import discriminator_loss
+    discriminator_loss(tr.discriminator(terms["real"]), tr.discriminator(terms["fake"].detach())).backward()
+    for name, p in tr.discriminator.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_a_few_steps_lower_the_task_loss_and_leave_the_model_untouched(small_dir, tmp_path):
+    tr = _trainer(small_dir, tmp_path, steps=8)
+    frozen = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    examples = tr.data.examples[:4]
+
+    def task_loss():
+        with torch.no_grad():
+            t = tr.losses(tr.settings.steps - 1, noise=False, examples=examples)
+        return float(t["ce"] + t["kl"])
+
+    before = task_loss()
+    record = tr.train()
+    after = task_loss()
+    assert after < before - 0.05, (before, after)
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
+    assert all(not p.requires_grad for p in tr.model.parameters())
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 9)) and log[-1] == record
+    for key in ("g_loss", "adv", "ce", "kl", "sparsity", "d_loss", "d_acc", "tau", "kept_tokens"):
+        assert key in record
+    assert record["kept_tokens"] == [18, 12.0, 9.0, 6.0]
+    assert log[0]["tau"] == pytest.approx(1.0) and log[-1]["tau"] == pytest.approx(0.1)
+
+
+def _state(out):
+    from safetensors.torch import load_file
+    ck = os.path.join(out, "checkpoint")
+    return {f: load_file(os.path.join(ck, f)) for f in ("pruning.safetensors", "discriminator.safetensors",
+                                                         "optimizers.safetensors")}
+
+
+def test_resumed_run_reaches_the_same_state(small_dir, tmp_path):
+    whole = _trainer(small_dir, tmp_path, steps=4, out="whole")
+    whole.train()
+    part = _trainer(small_dir, tmp_path, steps=4, out="part")
+    part.train(stop_after=2)
+    assert json.load(open(tmp_path / "part" / "checkpoint" / "state.json"))["step"] == 2
+    with open(tmp_path / "part" / "log.jsonl", "a") as f:  # a step that ran but was not checkpointed
+        f.write(json.dumps({"step": 3, "g_loss": 0.0}) + "\n")
+    resumed = _trainer(small_dir, tmp_path, steps=4, out="part", resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "part")
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), f"{f}:{k}"
+    strip = (lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+    la = strip(json.loads(x) for x in open(tmp_path / "whole" / "log.jsonl"))
+    lb = strip(json.loads(x) for x in open(tmp_path / "part" / "log.jsonl"))
+    assert la == lb
+
+
+def test_resume_refuses_a_different_run(small_dir, tmp_path):
+    from vtprune import VtpruneError
+    _trainer(small_dir, tmp_path, steps=2).train(stop_after=1)
+    with pytest.raises(VtpruneError, match="already holds a training run"):
+        _trainer(small_dir, tmp_path, steps=2)
+    with pytest.raises(VtpruneError, match="steps"):
+        _trainer(small_dir, tmp_path, steps=3, resume=True)
+    with pytest.raises(VtpruneError, match="no checkpoint"):
+        _trainer(small_dir, tmp_path, steps=2, out="other", resume=True)
+
+
+def test_trained_weights_load_into_the_engine(small_dir, tmp_path):
+    from vtprune import LlavaEngine, format_prompt
+    tr = _trainer(small_dir, tmp_path, steps=2)
+    tr.train()
+    engine = LlavaEngine.from_pretrained(small_dir, pruning=str(tmp_path / "run" / "pruning.yaml"))
+    trained = tr.modules.state_dict()
+    for k, v in engine.plan.modules.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    r = engine.generate([str(tmp_path / "img0.png")], [format_prompt("What colour?")], max_new_tokens=3)[0]
+    assert r.stats["visual_tokens_per_layer"] == [18, 12, 9, 6]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "vtprune", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_train_reports_bad_records_and_errors_in_one_line(small_dir, tmp_path):
+    cfg, data = _write_run(tmp_path)
+    with open(data, "a") as f:
+        f.write("{not json\n" + json.dumps({"image": "nope.png", "question": "Q", "answer": "A"}) + "\n"
+                + json.dumps({"image": "img0.png", "question": "Q", "answer": ""}) + "\n")
+    out = str(tmp_path / "run")
+    args = ["train", "--model", small_dir, "--config", cfg, "--data", data, "--out", out, "--batch-size", "2",
+            "--no-progress"]
+    r = _cli(*args, "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "train.jsonl:7: skipped: bad JSON" in r.stderr and ":8: skipped" in r.stderr and ":9: skipped" in r.stderr
+    assert os.path.isfile(os.path.join(out, "pruning.safetensors")) and "step 2 of 2" in r.stdout
+    r = _cli(*args, "--steps", "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("vtprune: error: ")
+    assert "--resume" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", "--model", small_dir, "--config", cfg, "--data", str(tmp_path / "none.jsonl"), "--out", out)
+    assert r.returncode == 2 and "training data not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", "--model", str(tmp_path / "nomodel"), "--config", cfg, "--data", data, "--out",
+             str(tmp_path / "r2"))
+    assert r.returncode == 2 and "model directory not found" in r.stderr
+    assert not os.path.exists(tmp_path / "r2" / "checkpoint")
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+import torch
+from vtprune.training import Trainer, TrainSettings
+model, cfg, data, out = sys.argv[1:5]
+tr = Trainer(TrainSettings(model=model, config=cfg, data=data, out=out, steps=3, batch_size=1, progress=False))
+seen = [[e.line for e in tr.examples_for(s)] for s in range(3)]
+tr.train()
+torch.save({k: v.clone() for k, v in tr.modules.state_dict().items()}, f"{out}/rank{tr.rank}.pt")
+with open(f"{out}/rank{tr.rank}.json", "w") as f:
+    json.dump({"rank": tr.rank, "world": tr.world, "seen": seen}, f)
+tr.close()
+"""
+
+
+def test_torchrun_two_processes_stay_in_sync(small_dir, tmp_path):
+    cfg, data = _write_run(tmp_path)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000), str(script), small_dir, cfg, data, str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = [json.load(open(out / f"rank{i}.json")) for i in (0, 1)]
+    assert [i["world"] for i in info] == [2, 2]
+    for s in range(3):  # each rank its own share of every global batch
+        assert not set(info[0]["seen"][s]) & set(info[1]["seen"][s])
+    w0, w1 = (torch.load(out / f"rank{i}.pt") for i in (0, 1))
+    init = _trainer(small_dir, tmp_path, steps=3, out="fresh").modules.state_dict()
+    moved = 0
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), f"ranks disagree on {k}"
+        moved += not torch.equal(w0[k], init[k])
+    assert moved > 0
+    log = [json.loads(x) for x in open(out / "log.jsonl")]
+    assert [x["step"] for x in log] == [1, 2, 3]  # rank 0 writes the log, once per step
