@@ -1,7 +1,7 @@
 """The `vtprune` command line.
 
 Bad input ends with one line on stderr (`vtprune: error: ...`) and exit status 2; a bug keeps
-its traceback. Subcommands: generate, batch, train (eval arrives with its issue).
+its traceback. Subcommands: generate, batch, train, eval.
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import sys
 from .errors import VtpruneError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
     p.add_argument("--model", required=True, help="llava-hf model directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--pruning", default=None, help="pruning config YAML (e.g. configs/vision_token_pruning.yaml)")
+    more = " (repeat with --compare)" if repeatable else ""
+    p.add_argument("--pruning", default=None, action="append" if repeatable else "store",
+                   help="pruning config YAML (e.g. configs/vision_token_pruning.yaml)" + more)
     p.add_argument("--policy", default=None, choices=["two_stage", "fastv", "pdrop", "visionzip", "random"],
                    help="override the config's policy (a baseline needs --budget)")
-    p.add_argument("--budget", type=int, default=None, help="baselines: average visual tokens per decoder layer")
+    p.add_argument("--budget", type=int, default=None, action="append" if repeatable else "store",
+                   help="baselines: average visual tokens per decoder layer" + more)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,20 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("eval", help="accuracy, BLEU, visual tokens, FLOPs and latency on a JSONL data set")
+    _add_model_args(e, repeatable=True)
+    e.add_argument("--data", required=True, help='JSONL: {"image", "question", "answer"[, "type", "id"]} per line')
+    e.add_argument("--out", default=None, help="results path stem: writes STEM.json and STEM.md (and STEM.png "
+                                                "with --compare); default: print only")
+    e.add_argument("--compare", action="store_true",
+                   help="unpruned, each --pruning (two-stage) config, and fastv/pdrop/visionzip/random at each "
+                        "config's budget and at every --budget; plots accuracy against visual tokens")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    e.add_argument("--predictions", default=None, help="write every prediction to this JSONL file")
+    e.add_argument("--no-progress", action="store_true")
+
     t = sub.add_parser("train", help="train the token merger and pruner heads (adversarial, frozen LLaVA)")
     t.add_argument("--model", required=True, help="llava-hf model directory (stays frozen)")
     t.add_argument("--config", required=True, help="pruning config YAML (two_stage; loss weights, learning rates)")
@@ -180,6 +197,51 @@ def _merge_parts(output: str, parts: list[str]) -> None:
     os.replace(tmp, output)
 
 
+def _cmd_eval(args) -> int:
+    import os
+
+    from .engine import LlavaEngine
+    from .quality.evaluate import (comparison_settings, environment, evaluate, load_records, run_settings,
+                                   to_markdown, write_outputs)
+
+    if not os.path.isfile(args.data):
+        raise VtpruneError(f"data file not found: {args.data}")
+    prunings = args.pruning or []
+    budgets = args.budget or []
+    for path in prunings:
+        if not os.path.isfile(path):
+            raise VtpruneError(f"pruning config not found: {path}")
+    if not args.compare and (len(prunings) > 1 or len(budgets) > 1):
+        raise VtpruneError("--pruning and --budget take one value each without --compare")
+    if args.compare and args.policy:
+        raise VtpruneError("--compare runs every policy; drop --policy")
+    examples = load_records(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise VtpruneError(f"--limit must be >= 1, got {args.limit}")
+        examples = examples[: args.limit]
+    device, dtype = _default_device_dtype(args.device, args.dtype)
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype)
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    if args.compare:
+        if not prunings and not budgets:
+            raise VtpruneError("--compare needs two-stage configs (--pruning) and/or budgets (--budget)")
+        skipped: list = []
+        results = run_settings(engine, examples, comparison_settings(engine, prunings, budgets), skipped, **kw)
+    else:
+        single = argparse.Namespace(pruning=prunings[0] if prunings else None, policy=args.policy,
+                                    budget=budgets[0] if budgets else None)
+        engine.set_pruning(pruning_spec(single))
+        results, skipped = [evaluate(engine, examples, predictions_path=args.predictions, **kw)], []
+    meta = {"model": args.model, "data": args.data, "n_records": len(examples), **environment(engine),
+            "command": "vtprune " + " ".join(sys.argv[1:]), "skipped": skipped}
+    print(to_markdown(results), end="")
+    if args.out:
+        paths = write_outputs(results, args.out, meta, plot=args.compare)
+        print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .training import Trainer, TrainSettings
 
@@ -202,7 +264,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
-_COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch, "train": _cmd_train}
+_COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch, "train": _cmd_train, "eval": _cmd_eval}
 
 
 def main(argv=None) -> int:

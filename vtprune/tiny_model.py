@@ -28,7 +28,7 @@ IMAGE_TOKEN = "<image>"
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, corpus: str = _CORPUS) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -36,7 +36,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
     tok.add_special_tokens([IMAGE_TOKEN])
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -44,12 +44,13 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A fast tokenizer (transformers PreTrainedTokenizerFast); `<image>` gets the last id."""
+def build_tokenizer(vocab_size: int = 512, corpus: str | None = None):
+    """A fast tokenizer (transformers PreTrainedTokenizerFast); `<image>` gets the last id.
+    `corpus`: the text its BPE merges are learned from (default: a fixed English snippet)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer.from_str(_tokenizer_json(vocab_size))
+    tok = Tokenizer.from_str(_tokenizer_json(vocab_size, corpus or _CORPUS))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>",
                                    additional_special_tokens=[IMAGE_TOKEN])

@@ -6,7 +6,8 @@ Stage 0 (before the decoder) changes how many image tokens a prompt holds:
   random     budget tokens drawn uniformly (seeded, reproducible)
 Later stages drop visual tokens *inside* the decoder, before a layer l:
   two_stage  PrunerHead keep logits at each of pruning_layers (top-k or threshold: ragged rows)
-  fastv      after layer K = 2 (FastV's default), ranked by the last token's attention at layer K-1
+  fastv      after layer K = 2 of 32 (FastV's default; the same relative depth on other models, at
+             least 1), ranked by the last token's attention at layer K-1
   pdrop      at L/4, L/2, 3L/4 with one keep ratio, ranked by the last instruction token's attention
              at the layer before (PyramidDrop)
 Attention scores come from one query row against the keys (a probe on the layer's q and k), never
@@ -68,14 +69,18 @@ class PruningPlan:
         if c.policy in ("visionzip", "random"):
             return b, []
         if c.policy == "fastv":
-            K = min(2, L - 1)  # FastV prunes after layer 2 of 32
+            K = min(max(1, round(2 * L / 32)), L - 1)  # FastV prunes after layer 2 of 32: same relative depth
             keep = round((L * b - K * n) / (L - K))
             if keep < 1:
-                raise VtpruneError(f"pruning config: 'budget' {b} is too small for fastv: the first {K} layers "
+                raise VtpruneError(f"pruning config: 'budget' {b} is too small for fastv: the first {K} layer{'s' if K > 1 else ''} "
                                    f"alone hold {K * n / L:.0f} visual tokens per layer on average")
             return n, [DropPoint(K, min(keep, n))]
         # pdrop: stages at L/4, L/2, 3L/4 keep n * lam^s; the layer average is n (1 + lam + lam^2 + lam^3) / 4
         layers = sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
+        floor = (n * layers[0] + (L - layers[0])) / L  # every later stage down to one token
+        if floor > b + 1:  # within a token of the budget is as close as rounding gets anyway
+            raise VtpruneError(f"pruning config: 'budget' {b} is too small for pdrop: its first {layers[0]} of {L} "
+                               f"layers alone hold {n * layers[0] / L:.0f} visual tokens per layer on average")
         lo, hi = 0.0, 1.0
         for _ in range(60):
             lam = (lo + hi) / 2

@@ -21,6 +21,8 @@ class Example:
     image: str
     question: str
     answer: str
+    kind: str = ""   # the record's optional "type" (evaluation: "caption" is scored with BLEU)
+    id: str = ""     # the record's optional "id"
 
 
 class TrainingData:
@@ -57,7 +59,8 @@ class TrainingData:
         image = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(base, rec["image"])
         if check_images:
             load_image(image).close()
-        return Example(line_no, image, rec["question"], rec["answer"])
+        return Example(line_no, image, rec["question"], rec["answer"], str(rec.get("type", "") or ""),
+                       str(rec.get("id", "") or ""))
 
     def __len__(self) -> int:
         return len(self.examples)

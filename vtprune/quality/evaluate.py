@@ -1,0 +1,209 @@
+"""The evaluation harness: accuracy, caption BLEU, visual tokens, FLOPs and latency of one
+pruning setting on a JSONL data set, and the comparison of every policy at equal budgets.
+
+    vtprune eval --model DIR --data test.jsonl [--pruning cfg.yaml | --policy fastv --budget 64]
+    vtprune eval --model DIR --data test.jsonl --compare --pruning a.yaml --pruning b.yaml [--budget 64 ...]
+
+Records: {"image", "question", "answer"} plus optional "id" and "type" (type "caption": scored by
+BLEU; everything else by exact match after normalisation, see metrics.py). Bad records are
+reported with their line number and skipped. Answers are greedy. Latency is wall time per
+question in batches of --batch-size (model load and warm-up excluded); FLOPs are the prefill's
+(engine/flops.py), and "visual tokens" the average over decoder layers of the visual tokens
+entering each layer (the budget unit of pruning papers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import VtpruneError
+from .metrics import bleu, exact_match
+
+CAPTION = "caption"
+
+
+@dataclass
+class EvalResult:
+    name: str
+    policy: str
+    n_questions: int
+    n_captions: int
+    accuracy: float | None                 # % exact match (non-caption records)
+    accuracy_by_type: dict
+    bleu: float | None                     # corpus BLEU of captions
+    visual_tokens_per_layer: list          # mean over rows, per decoder layer
+    avg_visual_tokens: float               # mean over layers
+    prefill_gflops: float                  # mean per row
+    prefill_gflops_unpruned: float
+    latency_ms_per_question: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def load_records(path: str):
+    from ..training.data import TrainingData
+
+    return TrainingData(path).examples
+
+
+def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tokens: int = 32,
+             progress: bool = True, predictions_path: str | None = None) -> EvalResult:
+    from ..engine.inputs import format_prompt
+
+    rows, policy = [], engine.plan.cfg.policy if engine.plan is not None else "unpruned"
+    # warm-up (allocator, kernels, CUDA graph) so that the first batch's latency is not an outlier
+    engine.generate([examples[0].image], [format_prompt(examples[0].question)], max_new_tokens=2)
+    it = range(0, len(examples), batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples), desc=f"eval {name or policy}", unit="q")
+    busy = 0.0
+    for start in it:
+        chunk = examples[start:start + batch_size]
+        t = time.perf_counter()
+        results = engine.generate([e.image for e in chunk], [format_prompt(e.question) for e in chunk],
+                                  max_new_tokens=max_new_tokens)
+        busy += time.perf_counter() - t
+        rows += list(zip(chunk, results))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    qa = [(e, r) for e, r in rows if e.kind != CAPTION]
+    caps = [(e, r) for e, r in rows if e.kind == CAPTION]
+    by_type: dict[str, list[bool]] = {}
+    for e, r in qa:
+        by_type.setdefault(e.kind or "all", []).append(exact_match(r.text, e.answer))
+    correct = [c for v in by_type.values() for c in v]
+    L = engine.cfg.text.num_layers
+    per_layer = [sum(r.stats["visual_tokens_per_layer"][i] for _, r in rows) / len(rows) for i in range(L)]
+    if predictions_path:
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            for e, r in rows:
+                f.write(json.dumps({"id": e.id, "line": e.line, "type": e.kind, "question": e.question,
+                                    "answer": e.answer, "prediction": r.text,
+                                    "correct": None if e.kind == CAPTION else exact_match(r.text, e.answer)}) + "\n")
+    return EvalResult(
+        name=name or policy, policy=policy, n_questions=len(qa), n_captions=len(caps),
+        accuracy=100.0 * sum(correct) / len(correct) if correct else None,
+        accuracy_by_type={k: 100.0 * sum(v) / len(v) for k, v in sorted(by_type.items())},
+        bleu=bleu([r.text for _, r in caps], [e.answer for e, _ in caps]),
+        visual_tokens_per_layer=per_layer, avg_visual_tokens=sum(per_layer) / L,
+        prefill_gflops=sum(r.stats["prefill_flops"] for _, r in rows) / len(rows) / 1e9,
+        prefill_gflops_unpruned=sum(r.stats["prefill_flops_unpruned"] for _, r in rows) / len(rows) / 1e9,
+        latency_ms_per_question=1e3 * busy / len(rows), seconds=busy)
+
+
+def _cfg_budget(cfg, engine) -> float:
+    """Average visual tokens per layer of a two-stage config on this model (its budget)."""
+    from ..pruning.plan import PruningPlan
+
+    plan = PruningPlan(cfg, engine.cfg)
+    counts = plan.visual_tokens_per_layer()
+    return sum(counts) / len(counts)
+
+
+def run_settings(engine, examples, settings: list[tuple[str, object]], skipped: list | None = None,
+                 **kw) -> list[EvalResult]:
+    """settings: [(name, pruning spec or None)] evaluated one after the other on one engine.
+    Settings the model cannot run are left out and described in `skipped`."""
+    skipped = [] if skipped is None else skipped
+    out = []
+    for name, spec in settings:
+        try:
+            engine.set_pruning(spec)
+        except VtpruneError as e:  # e.g. a budget a baseline cannot reach on this model's depth
+            print(f"skipped {name}: {e}")
+            skipped.append({"name": name, "reason": str(e)})
+            continue
+        res = evaluate(engine, examples, name=name, **kw)
+        if spec is not None and engine.plan is not None and engine.plan.cfg.policy != "two_stage":
+            res.extra["budget"] = engine.plan.cfg.budget
+        out.append(res)
+    engine.set_pruning(None)
+    return out
+
+
+def comparison_settings(engine, two_stage: list[str], budgets: list[int],
+                        baselines=("fastv", "pdrop", "visionzip", "random")) -> list[tuple[str, object]]:
+    """Unpruned, each two-stage config, and every baseline at each two-stage config's budget
+    (rounded to a token) and at each extra `budgets` value."""
+    from ..pruning import PruningConfig
+
+    settings: list[tuple[str, object]] = [("unpruned", None)]
+    all_budgets = []
+    for path in two_stage:
+        cfg = PruningConfig.load(path)
+        b = _cfg_budget(cfg, engine)
+        settings.append((f"two_stage@{b:.0f}", cfg))
+        all_budgets.append(round(b))
+    all_budgets += [b for b in budgets if b not in all_budgets]
+    for b in sorted(set(all_budgets)):
+        for policy in baselines:
+            settings.append((f"{policy}@{b}", PruningConfig(policy=policy, budget=b)))
+    return settings
+
+
+def to_markdown(results: list[EvalResult], header: str = "") -> str:
+    lines = [header] if header else []
+    lines += ["| setting | visual tokens / layer | accuracy % | BLEU | prefill GFLOPs (% of unpruned) | latency ms/q |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.1f}"
+        b = "-" if r.bleu is None else f"{r.bleu:.1f}"
+        lines.append(f"| {r.name} | {r.avg_visual_tokens:.1f} | {acc} | {b} | {r.prefill_gflops:.3f} "
+                     f"({100 * r.prefill_gflops / r.prefill_gflops_unpruned:.0f}%) | {r.latency_ms_per_question:.1f} |")
+    types = sorted({k for r in results for k in r.accuracy_by_type})
+    if types and types != ["all"]:
+        lines += ["", "Accuracy by question type (%):", "",
+                  "| setting | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        for r in results:
+            lines.append(f"| {r.name} | " + " | ".join(f"{r.accuracy_by_type.get(t, float('nan')):.1f}" for t in types)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(engine) -> dict:
+    dev = engine.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(dev), "device_name": name, "cpu_threads": torch.get_num_threads(),
+            "dtype": str(engine.dtype).replace("torch.", ""), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = False) -> dict:
+    """out.json, out.md (and out.png with plot): returns the written paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    base = out[:-5] if out.endswith(".json") else out
+    data = {"meta": meta, "results": [r.__dict__ for r in results], "skipped": meta.pop("skipped", [])}
+    paths = {"json": base + ".json", "md": base + ".md"}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    header = (f"Evaluation of {meta.get('model')} on {meta.get('data')} ({meta.get('n_records')} records), "
+              f"{meta.get('device_name')} ({meta.get('device')}, {meta.get('dtype')}), {meta.get('date')}\n")
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(to_markdown(results, header))
+        for sk in data["skipped"]:
+            f.write(f"\nNot run: {sk['name']}: {sk['reason']}\n")
+    if plot:
+        from .plot import line_chart
+
+        series: dict[str, list] = {}
+        unpruned = None
+        for r in results:
+            if r.accuracy is None:
+                continue
+            if r.policy == "unpruned":
+                unpruned = ("unpruned", r.accuracy)
+                continue
+            series.setdefault(r.name.split("@")[0], []).append((r.avg_visual_tokens, r.accuracy))
+        paths["png"] = line_chart(series, base + ".png", "Accuracy vs visual tokens per layer",
+                                  "visual tokens per decoder layer (average)", "accuracy %", hline=unpruned)
+    return paths
+

@@ -1,0 +1,223 @@
+"""SynthVQA: a procedural visual question answering set whose answers depend on a small region.
+
+Each 336x336 image holds 3-5 coloured shapes (about 3-4 patches of 14 px across) on a cluttered
+background (muted lines, dots and blocks), and comes with questions whose answer depends on the
+object(s) the question names:
+
+  colour      What colour is the <shape>?                       -> red       (shape unique in the image)
+  shape       What shape is the <colour> object?                 -> circle    (colour unique)
+  count       How many <colour> objects are there?               -> two       (0-3)
+  exists      Is there a <colour> <shape>?                       -> yes / no  (a "no" shares colour or shape)
+  left_right  Is the <c1> <s1> left or right of the <c2> <s2>?   -> left / right
+  caption     Describe the image.                                -> A red circle, a blue square and a green diamond.
+              (objects named left to right; scored with BLEU, the others with exact match)
+
+    python -m vtprune.quality.synthvqa --out data/synthvqa     # train / val / test, JSONL + PNG
+
+Splits come from different seeds (train 1, val 2, test 3); image i of a split is a function of
+(seed, i) only, so `sample(seed, i)` regenerates any of them (the base-model training draws an
+endless stream this way without writing it to disk).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 336
+COLOURS = {"red": (215, 38, 38), "green": (34, 160, 60), "blue": (40, 84, 222), "yellow": (236, 200, 30),
+           "purple": (145, 55, 190), "orange": (246, 130, 20)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+QUESTION_TYPES = ("colour", "shape", "count", "exists", "left_right")
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    x: int      # centre
+    y: int
+    size: int   # bounding box side
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def _a(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
+    """Muted texture: greyish lines, dots and blocks (saturation kept low so shapes stand out)."""
+    def muted():
+        g = rng.randint(95, 200)
+        return tuple(max(0, min(255, g + rng.randint(-18, 18))) for _ in range(3))
+    for _ in range(rng.randint(10, 18)):
+        x, y = rng.randint(0, IMAGE_SIZE), rng.randint(0, IMAGE_SIZE)
+        w, h = rng.randint(8, 60), rng.randint(8, 60)
+        draw.rectangle([x, y, x + w, y + h], fill=muted())
+    for _ in range(rng.randint(25, 45)):
+        pts = [(rng.randint(0, IMAGE_SIZE), rng.randint(0, IMAGE_SIZE)) for _ in range(2)]
+        draw.line(pts, fill=muted(), width=rng.randint(1, 3))
+    for _ in range(rng.randint(60, 120)):
+        x, y, r = rng.randint(0, IMAGE_SIZE), rng.randint(0, IMAGE_SIZE), rng.randint(1, 4)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=muted())
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+    h = o.size // 2
+    box = [o.x - h, o.y - h, o.x + h, o.y + h]
+    fill, outline = COLOURS[o.colour], (20, 20, 20)
+    if o.shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=2)
+    elif o.shape == "square":
+        draw.rectangle(box, fill=fill, outline=outline, width=2)
+    elif o.shape == "triangle":
+        draw.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], fill=fill, outline=outline, width=2)
+    else:  # diamond
+        draw.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], fill=fill, outline=outline,
+                     width=2)
+
+
+def _objects(rng: random.Random) -> list[Obj]:
+    n = rng.randint(3, 5)
+    objs: list[Obj] = []
+    pairs = set()
+    while len(objs) < n:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if (colour, shape) in pairs:
+            continue
+        size = rng.randint(42, 56)
+        for _ in range(100):
+            x, y = rng.randint(size, IMAGE_SIZE - size), rng.randint(size, IMAGE_SIZE - size)
+            if all(max(abs(x - o.x), abs(y - o.y)) > (size + o.size) // 2 + 10 for o in objs):
+                objs.append(Obj(colour, shape, x, y, size))
+                pairs.add((colour, shape))
+                break
+        else:
+            break  # no room left: fewer objects
+    return objs
+
+
+def caption(objs: list[Obj]) -> str:
+    names = [_a(o.name) for o in sorted(objs, key=lambda o: o.x)]
+    text = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return text[0].upper() + text[1:] + "."
+
+
+def _questions(objs: list[Obj], rng: random.Random) -> list[dict]:
+    """Every question type that this image can answer unambiguously, one instance each."""
+    out = []
+    shapes = [o.shape for o in objs]
+    colours = [o.colour for o in objs]
+    unique_shape = [o for o in objs if shapes.count(o.shape) == 1]
+    if unique_shape:
+        o = rng.choice(unique_shape)
+        out.append({"type": "colour", "question": f"What colour is the {o.shape}?", "answer": o.colour})
+    unique_colour = [o for o in objs if colours.count(o.colour) == 1]
+    if unique_colour:
+        o = rng.choice(unique_colour)
+        out.append({"type": "shape", "question": f"What shape is the {o.colour} object?", "answer": o.shape})
+    c = rng.choice(list(COLOURS)) if rng.random() < 0.25 else rng.choice(colours)
+    out.append({"type": "count", "question": f"How many {c} objects are there?", "answer": NUMBERS[colours.count(c)]})
+    if rng.random() < 0.5:
+        o = rng.choice(objs)
+        out.append({"type": "exists", "question": f"Is there {_a(o.name)}?", "answer": "yes"})
+    else:
+        present = {(o.colour, o.shape) for o in objs}
+        o = rng.choice(objs)  # share the colour or the shape of a present object
+        cands = [(o.colour, s) for s in SHAPES] + [(c2, o.shape) for c2 in COLOURS]
+        cands = [p for p in cands if p not in present]
+        colour, shape = rng.choice(cands)
+        out.append({"type": "exists", "question": f"Is there {_a(colour + ' ' + shape)}?", "answer": "no"})
+    pairs = [(a, b) for a in objs for b in objs if a is not b and abs(a.x - b.x) >= 30]
+    if pairs:
+        a, b = rng.choice(pairs)
+        out.append({"type": "left_right", "question": f"Is the {a.name} left or right of the {b.name}?",
+                    "answer": "left" if a.x < b.x else "right"})
+    return out
+
+
+def sample(seed: int, index: int):
+    """Image `index` of the stream `seed`: (PIL image, objects, questions, caption)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(rng.randint(140, 190) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    _clutter(draw, rng)
+    objs = _objects(rng)
+    for o in objs:
+        _draw(draw, o)
+    return img, objs, _questions(objs, rng), caption(objs)
+
+
+def write_split(out_dir: str, split: str, n_images: int, seed: int | None = None, questions_per_image: int = 2,
+                with_captions: bool = True, progress: bool = True) -> str:
+    """Write `n_images` images of `split` and their questions to out_dir/{split}.jsonl (+ PNGs under
+    out_dir/{split}/). Each image gets `questions_per_image` of its questions (types rotated so the
+    split is balanced) and, with_captions, a caption record. Returns the JSONL path."""
+    seed = SPLIT_SEEDS[split] if seed is None else seed
+    img_dir = os.path.join(out_dir, split)
+    os.makedirs(img_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    it = range(n_images)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"synthvqa {split}", unit="img")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for i in it:
+            img, _, qs, cap = sample(seed, i)
+            name = f"{split}/{i:06d}.png"
+            img.save(os.path.join(out_dir, name))
+            want = [QUESTION_TYPES[(i * questions_per_image + j) % len(QUESTION_TYPES)]
+                    for j in range(questions_per_image)]
+            chosen = [q for q in qs if q["type"] in want] or qs[:1]
+            for j, q in enumerate(chosen[:questions_per_image]):
+                f.write(json.dumps({"id": f"{split}-{i}-{j}", "image": name, **q}) + "\n")
+            if with_captions:
+                f.write(json.dumps({"id": f"{split}-{i}-caption", "image": name, "type": "caption",
+                                    "question": "Describe the image.", "answer": cap}) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def vocabulary_text() -> str:
+    """Every word the task uses (to train a tokenizer that gives each word one token)."""
+    words = [*COLOURS, *SHAPES, *NUMBERS, "yes", "no", "left", "right", "a", "and", "is", "the", "of",
+             "What", "colour", "shape", "object", "How", "many", "objects", "are", "there", "Is", "or",
+             "Describe", "image", "A", "an", "An", "USER", "ASSISTANT"]
+    lines = []
+    rng = random.Random(0)
+    for i in range(400):
+        _, objs, qs, cap = sample(99, i) if i < 60 else (None, None, [], "")
+        for q in qs:
+            lines.append(f"USER: <image>\n{q['question']} ASSISTANT: {q['answer']}")
+        if cap:
+            lines.append(cap)
+        if i >= 60:
+            lines.append(" ".join(rng.choice(words) for _ in range(12)))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="write the SynthVQA splits (JSONL + PNG)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=2000, help="training images")
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--questions-per-image", type=int, default=2)
+    a = p.parse_args(argv)
+    for split, n in (("train", a.train), ("val", a.val), ("test", a.test)):
+        if n > 0:
+            print(write_split(a.out, split, n, questions_per_image=a.questions_per_image))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
