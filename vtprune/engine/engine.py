@@ -259,6 +259,45 @@ class LlavaEngine:
                              finished, sync_every)
         return rows, t_first, time.perf_counter(), trace
 
+    @torch.inference_mode()
+    def score(self, images, prompts, continuations: Sequence[str], use_cuda_graph: bool = True):
+        """Log-likelihood of each continuation after its prompt, with this engine's pruning:
+        [(sum of token log-probs, whether greedy decoding would produce exactly it)]. The
+        continuation is teacher-forced through the KV cache, token by token, as generation
+        would read it (its tokens are those of prompt + continuation after the prompt's)."""
+        if isinstance(continuations, str):
+            continuations = [continuations]
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(continuations) != len(prompts):
+            raise VtpruneError(f"got {len(prompts)} prompts and {len(continuations)} continuations")
+        conts = []
+        for p, c in zip(prompts, continuations):
+            ids_p = self.prompts.encode(p)
+            ids = self.prompts.encode(p + c)
+            cont = ids[len(ids_p):] if ids[: len(ids_p)] == ids_p else \
+                list(self.tokenizer(c, add_special_tokens=False)["input_ids"])
+            if not cont:
+                raise VtpruneError(f"continuation {c!r} has no tokens")
+            conts.append(cont)
+        n = max(len(c) for c in conts)
+        batch = self.prepare(images, prompts, n)
+        cache, step_fn = self._decoder_state(batch, n, use_cuda_graph)
+        logits, _ = self._prefill(batch, cache)
+        B = len(conts)
+        target = torch.tensor([c + [c[-1]] * (n - len(c)) for c in conts], device=self.device)
+        valid = torch.tensor([[j < len(c) for j in range(n)] for c in conts], device=self.device)
+        logp = torch.zeros(B, device=self.device, dtype=torch.float32)
+        greedy = torch.ones(B, dtype=torch.bool, device=self.device)
+        for s in range(n):
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            t = target[:, s]
+            logp += torch.where(valid[:, s], lp[torch.arange(B, device=self.device), t], 0.0)
+            greedy &= ~valid[:, s] | (lp.argmax(-1) == t)
+            if s < n - 1:
+                logits = step_fn(t, s)
+        return [(float(a), bool(g)) for a, g in zip(logp.tolist(), greedy.tolist())]
+
     def release_cache(self) -> None:
         """Free the KV cache and CUDA graph kept between generate calls."""
         self._decode_state = None

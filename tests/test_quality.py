@@ -1,0 +1,191 @@
+"""Issue 7's machinery: the SynthVQA generator, answer metrics, the evaluation harness, the plot."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vtprune.quality import synthvqa as sv
+from vtprune.quality.metrics import bleu, exact_match, normalize_answer
+
+
+def test_samples_are_deterministic_and_splits_differ():
+    a, objs, qs, cap = sv.sample(3, 7)
+    b, objs2, qs2, cap2 = sv.sample(3, 7)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and qs == qs2 and cap == cap2
+    c, _, _, _ = sv.sample(1, 7)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    assert a.size == (336, 336) and 3 <= len(objs) <= 5
+
+
+def test_answers_match_the_drawn_objects():
+    """Every answer follows from the objects, and each object is drawn where it is said to be."""
+    for i in range(40):
+        img, objs, qs, cap = sv.sample(5, i)
+        px = np.asarray(img).astype(int)
+        for o in objs:  # the centre pixel has the object's colour
+            assert np.abs(px[o.y, o.x] - np.array(sv.COLOURS[o.colour])).max() <= 1
+        pairs = {(o.colour, o.shape) for o in objs}
+        assert len(pairs) == len(objs)
+        for q in qs:
+            words = q["question"].rstrip("?").split()
+            if q["type"] == "colour":
+                shape = words[-1]
+                assert [o.colour for o in objs if o.shape == shape] == [q["answer"]]
+            elif q["type"] == "shape":
+                colour = words[-2]
+                assert [o.shape for o in objs if o.colour == colour] == [q["answer"]]
+            elif q["type"] == "count":
+                assert sv.NUMBERS[sum(o.colour == words[2] for o in objs)] == q["answer"]
+            elif q["type"] == "exists":
+                assert (((words[-2], words[-1]) in pairs) == (q["answer"] == "yes"))
+            elif q["type"] == "left_right":
+                a = next(o for o in objs if o.name == " ".join(words[2:4]))
+                b = next(o for o in objs if o.name == " ".join(words[-2:]))
+                assert q["answer"] == ("left" if a.x < b.x else "right")
+        names = [o.name for o in sorted(objs, key=lambda o: o.x)]
+        assert all(n in cap for n in names) and cap.index(names[0]) < cap.index(names[-1])
+
+
+def test_write_split(tmp_path):
+    path = sv.write_split(str(tmp_path), "val", 10, progress=False)
+    recs = [json.loads(line) for line in open(path)]
+    assert len(recs) == 10 * 3  # two questions + one caption per image
+    assert {r["type"] for r in recs} == set(sv.QUESTION_TYPES) | {"caption"}
+    assert all(os.path.isfile(tmp_path / r["image"]) for r in recs)
+    assert len({r["id"] for r in recs}) == len(recs)
+
+
+def test_normalisation_and_metrics():
+    assert normalize_answer("Two.") == normalize_answer("2") == "2"
+    assert exact_match("A circle", "circle") and exact_match("The color is Gray!", "colour is grey")
+    assert not exact_match("circles", "circle") and not exact_match("left", "right")
+    assert bleu(["a red circle and a blue square"], ["a red circle and a blue square"]) == pytest.approx(100.0)
+    assert bleu(["a red circle"], ["a blue square and a green diamond"]) < 20
+    assert bleu([], []) is None
+
+
+def test_eval_reports_accuracy_tokens_and_flops(small_engine, tmp_path):
+    """The harness scores what the engine answered: an 'answer' equal to the model's own greedy
+    output is counted right, anything else wrong."""
+    from vtprune import format_prompt
+    from vtprune.quality.evaluate import evaluate, load_records, to_markdown
+
+    imgs = []
+    for i in range(4):
+        img, _, _, _ = sv.sample(9, i)
+        img.save(tmp_path / f"{i}.png")
+        imgs.append(str(tmp_path / f"{i}.png"))
+    own = [r.text for r in small_engine.generate(imgs, [format_prompt("What colour is the square?")] * 4,
+                                                  max_new_tokens=6)]
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(4):
+            ans = own[i] if i < 3 else own[i] + " extra"
+            f.write(json.dumps({"image": f"{i}.png", "question": "What colour is the square?", "answer": ans,
+                                "type": "colour"}) + "\n")
+        f.write(json.dumps({"image": "0.png", "question": "Describe the image.", "answer": "A red circle.",
+                            "type": "caption"}) + "\n")
+    res = evaluate(small_engine, load_records(str(tmp_path / "d.jsonl")), max_new_tokens=6, progress=False,
+                   predictions_path=str(tmp_path / "pred.jsonl"))
+    assert res.n_questions == 4 and res.n_captions == 1
+    assert res.accuracy == pytest.approx(75.0) and res.accuracy_by_type == {"colour": pytest.approx(75.0)}
+    assert res.bleu is not None and res.avg_visual_tokens == 36.0
+    assert res.prefill_gflops == pytest.approx(res.prefill_gflops_unpruned) and res.latency_ms_per_question > 0
+    preds = [json.loads(x) for x in open(tmp_path / "pred.jsonl")]
+    assert [p["correct"] for p in preds] == [True, True, True, False, None]
+    assert "| unpruned | 36.0 | 75.0 |" in to_markdown([res])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vtprune", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_compare_writes_json_markdown_and_plot(small_dir, tmp_path):
+    sv.write_split(str(tmp_path), "test", 3, progress=False)
+    cfg = tmp_path / "ts.yaml"
+    cfg.write_text("policy: two_stage\ntarget_merge_tokens: 18\nmerge_ratio: 0.5\npruning_layers: [1, 2, 3]\n"
+                   "layer_keep_tokens: [12, 9, 6]\npruner_d_internal: 32\n")
+    out = tmp_path / "cmp"
+    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "test.jsonl"), "--compare", "--pruning", str(cfg),
+             "--budget", "6", "--out", str(out), "--no-progress", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.load(open(str(out) + ".json"))
+    names = [x["name"] for x in data["results"]]
+    assert names[:2] == ["unpruned", "two_stage@11"]
+    assert {"visionzip@11", "random@11", "fastv@11", "pdrop@11", "visionzip@6", "random@6"} <= set(names)
+    assert {s["name"] for s in data["skipped"]} == {"fastv@6", "pdrop@6"}  # unreachable on 4 layers
+    for x in data["results"]:
+        if x["name"] != "unpruned":
+            assert abs(x["avg_visual_tokens"] - float(x["name"].split("@")[1])) <= 1.0, x["name"]
+    from PIL import Image
+    assert Image.open(str(out) + ".png").size == (900, 560)
+    assert "| unpruned | 36.0 |" in open(str(out) + ".md").read()
+
+
+def test_cli_eval_errors_are_one_line(small_dir, tmp_path):
+    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "none.jsonl"))
+    assert r.returncode == 2 and "data file not found" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "d.jsonl"), "--pruning", "a.yaml",
+             "--pruning", "b.yaml")
+    assert r.returncode == 2 and "pruning config not found" in r.stderr
+    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "d.jsonl"))
+    assert r.returncode == 2 and "no usable training records" in r.stderr
+
+
+def test_score_matches_transformers(small_dir, small_engine):
+    """Continuation log-likelihoods from the engine's teacher-forced decode equal those of
+    transformers' LlavaForConditionalGeneration over prompt + continuation."""
+    import torch
+    from conftest import load_reference, make_image
+
+    from vtprune import format_prompt
+
+    model, processor = load_reference(small_dir)
+    images = [make_image(1), make_image(2)]
+    prompts = [format_prompt("What is this?"), format_prompt("Count them.")]
+    conts = [" A red circle.", " Three"]
+    scores = small_engine.score(images, prompts, conts)
+    for img, p, c, (lp, greedy) in zip(images, prompts, conts, scores):
+        n_p = processor(images=img, text=p, return_tensors="pt")["input_ids"].shape[1]
+        inputs = processor(images=img, text=p + c, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+        ids = inputs["input_ids"][0]
+        lps = torch.log_softmax(logits[n_p - 1:-1], -1)[torch.arange(len(ids) - n_p), ids[n_p:]]
+        assert lp == pytest.approx(float(lps.sum()), abs=1e-3)
+        assert greedy == bool((logits[n_p - 1:-1].argmax(-1) == ids[n_p:]).all())
+    own = small_engine.generate(images[:1], prompts[:1], max_new_tokens=3)[0]
+    text = small_engine.prompts.decode(own.token_ids)
+    assert small_engine.score(images[:1], prompts[:1], [text])[0][1]  # its own greedy output is greedy
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lmms_eval_plugin_logic(small_dir, small_engine, tmp_path):
+    from conftest import make_image
+
+    from vtprune import format_prompt
+    from vtprune.quality.lmms_eval_plugin import EngineLMM
+
+    lmm = EngineLMM(small_dir, device="cpu", dtype="float32", batch_size=2)
+    docs = [{"img": make_image(i), "q": f"Question {i}?"} for i in range(3)]
+    lmm.task_dict = {"t": {"test": docs}}
+    to_visual = (lambda d: [d["img"]])
+    gen = {"until": ["\n"], "max_new_tokens": 4}
+    reqs = [_Req(f"<image>\n{d['q']}", dict(gen), to_visual, i, "t", "test") for i, d in enumerate(docs)]
+    texts = lmm.generate_until(reqs)
+    want = small_engine.generate([d["img"] for d in docs], [format_prompt(d["q"]) for d in docs], max_new_tokens=4,
+                                 stop=["\n"])
+    assert texts == [w.text for w in want]
+    ll = lmm.loglikelihood([_Req(d["q"], "yes", to_visual, i, "t", "test") for i, d in enumerate(docs)])
+    want_ll = small_engine.score([d["img"] for d in docs], [format_prompt(d["q"]) for d in docs], [" yes"] * 3)
+    assert [g for _, g in ll] == [g for _, g in want_ll]  # one request at a time vs one batch: float noise only
+    assert [lp for lp, _ in ll] == pytest.approx([lp for lp, _ in want_ll], abs=1e-4)
+    with pytest.raises(ValueError, match="one image"):
+        lmm.generate_until([_Req("q", dict(gen), lambda d: [d["img"], d["img"]], 0, "t", "test")])
