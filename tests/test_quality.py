@@ -189,3 +189,35 @@ def test_lmms_eval_plugin_logic(small_dir, small_engine, tmp_path):
     assert [lp for lp, _ in ll] == pytest.approx([lp for lp, _ in want_ll], abs=1e-4)
     with pytest.raises(ValueError, match="one image"):
         lmm.generate_until([_Req("q", dict(gen), lambda d: [d["img"], d["img"]], 0, "t", "test")])
+
+
+def test_base_training_targets_and_conversations():
+    """Stage A's patch labels sit under the objects; stage B's rows put labels on answers only,
+    and their first turn is exactly the single-question prompt the engine builds."""
+    from vtprune.engine.inputs import format_prompt
+    from vtprune.quality.train_base import GRID, Examples, patch_labels, pixels
+    from vtprune.tiny_model import build_tokenizer
+
+    img, objs, qs, cap = sv.sample(4, 2)
+    y = patch_labels(objs)
+    assert y.shape == (3, GRID, GRID)
+    for o in objs:
+        r, c = o.y // 14, o.x // 14
+        assert y[0, r, c] == 1 + list(sv.COLOURS).index(o.colour) and y[2, r, c] == 1
+        assert y[1, r, c] == 1 + sv.SHAPES.index(o.shape)
+    assert int(y[2].sum()) == len(objs) and (y[0] == 0).float().mean() > 0.7  # mostly background
+    px = pixels([img])
+    from transformers import CLIPImageProcessor
+    ref = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})(
+        images=[img], return_tensors="pt")["pixel_values"]
+    assert (px - ref).abs().max() < 1e-5
+
+    tok = build_tokenizer(384, sv.vocabulary_text())
+    ex = Examples(tok, tok.convert_tokens_to_ids("<image>"))
+    turns = [(q["question"], q["answer"]) for q in qs[:2]]
+    ids, labels = ex.conversation(turns)
+    first = ex.enc.encode(format_prompt(turns[0][0]))
+    assert ids[: len(first)] == first and all(v == -100 for v in labels[: len(first)])
+    answers = [t for t in labels if t != -100]
+    assert tok.decode(answers, skip_special_tokens=False).replace("</s>", "|").split("|")[:2] == \
+        [" " + turns[0][1], " " + turns[1][1]]

@@ -15,7 +15,7 @@ the test split's seed is never seen):
   B  the whole model on VQA (and captions), cross-entropy on the answer tokens; the vision tower
      stays frozen, the projector and the decoder learn.
 
-    python -m vtprune.quality.train_base --out models/synthvqa-llava [--steps-a 400 --steps-b 2000]
+    python -m vtprune.quality.train_base --out models/synthvqa-llava [--steps-a 300 --steps-b 1500]
 """
 from __future__ import annotations
 
@@ -136,9 +136,13 @@ def stage_a(model, steps: int, batch: int, seed: int, log) -> None:
 
 
 class Examples:
-    """VQA / caption training rows (prompt ids + answer ids) for the stream `seed`."""
+    """Training rows for the stream `seed`: each image with all of its questions and its caption
+    as turns of one conversation, in random order (LLaVA-1.5's multi-turn format):
+        <s>USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...
+    The 576 image tokens dominate a row's cost, so packing ~6 answers behind one image gives ~6x
+    the supervision per forward pass; the first turn is exactly the single-question prompt."""
 
-    def __init__(self, tokenizer, image_token: int, caption_rate: float = 0.15):
+    def __init__(self, tokenizer, image_token: int, caption_rate: float = 0.5):
         from ..engine.inputs import PromptEncoder
         from ..training.forward import BatchBuilder
 
@@ -148,12 +152,22 @@ class Examples:
                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.caption_rate = caption_rate
 
-    def row(self, question: str, answer: str):
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """-> (ids, labels) with labels -100 outside the answers."""
         from ..engine.inputs import format_prompt
 
-        prompt = format_prompt(question)
-        p = self.enc.encode(prompt)
-        return p, self.builder.answer_ids(prompt, answer, p)
+        ids, labels = [], []
+        for k, (q, a) in enumerate(turns):
+            if k == 0:
+                prompt = format_prompt(q)
+                p = self.enc.encode(prompt)
+                ans = self.builder.answer_ids(prompt, a, p)
+            else:
+                p = list(self.tok(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"])
+                ans = list(self.tok(" " + a.strip(), add_special_tokens=False)["input_ids"]) + [self.tok.eos_token_id]
+            ids += p + ans
+            labels += [-100] * len(p) + ans
+        return ids, labels
 
     def batch(self, seed: int, start: int, n: int):
         rng = random.Random(seed * 7 + start)
@@ -161,23 +175,23 @@ class Examples:
         for j in range(n):
             img, _, qs, cap = sv.sample(seed, start + j)
             ims.append(img)
+            turns = [(q["question"], q["answer"]) for q in qs]
             if rng.random() < self.caption_rate:
-                rows.append(self.row("Describe the image.", cap))
-            else:
-                q = rng.choice(qs)
-                rows.append(self.row(q["question"], q["answer"]))
-        T = max(len(p) + len(a) for p, a in rows)
+                turns.append(("Describe the image.", cap))
+            rng.shuffle(turns)
+            rows.append(self.conversation(turns))
+        T = max(len(i) for i, _ in rows)
         ids = torch.full((n, T), self.tok.pad_token_id, dtype=torch.long)
         labels = torch.full((n, T), -100, dtype=torch.long)
         mask = torch.zeros(n, T, dtype=torch.long)
-        for i, (p, a) in enumerate(rows):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
-            mask[i, : len(p) + len(a)] = 1
+        for i, (row, lab) in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(row)] = 1
         return pixels(ims), ids, mask, labels
 
 
-def stage_b(model, examples: Examples, steps: int, batch: int, seed: int, log, lr: float = 2e-3) -> None:
+def stage_b(model, examples: Examples, steps: int, batch: int, seed: int, log, lr: float = 1e-3) -> None:
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -230,11 +244,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="train the SynthVQA LLaVA from scratch")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps-a", type=int, default=400)
-    p.add_argument("--steps-b", type=int, default=2000)
+    p.add_argument("--steps-a", type=int, default=300)
+    p.add_argument("--steps-b", type=int, default=1500)
     p.add_argument("--batch-a", type=int, default=16)
     p.add_argument("--batch-b", type=int, default=16)
-    p.add_argument("--lr-b", type=float, default=2e-3)
+    p.add_argument("--lr-b", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
