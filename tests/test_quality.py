@@ -221,3 +221,10 @@ def test_base_training_targets_and_conversations():
     answers = [t for t in labels if t != -100]
     assert tok.decode(answers, skip_special_tokens=False).replace("</s>", "|").split("|")[:2] == \
         [" " + turns[0][1], " " + turns[1][1]]
+    # the curriculum hides background visual tokens only (object tokens and text stay visible)
+    px, ids, mask, labels = ex.batch(4, 2, 1, background_keep=0.05)
+    vis = ids[0] == tok.convert_tokens_to_ids("<image>")
+    shown = mask[0][vis].bool().view(GRID, GRID)
+    assert bool(shown[y[0] > 0].all()) and 0.1 < float(shown.float().mean()) < 0.5
+    assert bool(mask[0][~vis][ids[0][~vis] != tok.pad_token_id].all())
+    assert bool(ex.batch(4, 2, 1)[2].bool().all())
