@@ -1,7 +1,7 @@
 """The main job: answer questions about images with the vtprune engine, without and with
 two-stage visual-token pruning, and show what each costs (tokens per stage, FLOPs, time).
 
-    python main.py                                   # embedded default model (built locally, no download)
+    python main.py                                   # the embedded SynthVQA model and its trained pruning heads
     python main.py --model DIR                       # any llava-hf LLaVA-1.5 directory
     python main.py --pruning configs/vision_token_pruning.yaml
 """
@@ -21,9 +21,10 @@ def _describe(stats) -> str:
 
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="llava-hf model directory (default: embedded tiny model)")
+    parser.add_argument("--model", default=None, help="llava-hf model directory (default: the embedded SynthVQA model)")
     parser.add_argument("--pruning", default=None,
-                        help="pruning config YAML (default: the design's settings scaled to the model)")
+                        help="pruning config YAML (default: the embedded model's trained config, or the "
+                             "design's settings scaled to the model)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -31,7 +32,8 @@ def run(argv=None) -> int:
 
     from vtprune import LlavaEngine, VtpruneError, format_prompt
     from vtprune.cli import _default_device_dtype
-    from vtprune.demo import DEMO_QUESTIONS, default_model_dir, demo_image
+    from vtprune.demo import default_model_dir, default_pruning, demo_examples, has_trained_default
+    from vtprune.quality.metrics import exact_match
     from vtprune.pruning import PruningConfig
 
     try:
@@ -40,13 +42,16 @@ def run(argv=None) -> int:
         t = time.perf_counter()
         engine = LlavaEngine.from_pretrained(model_dir, device=device, dtype=dtype)
         print(f"model: {model_dir} ({device}, {dtype}), loaded in {time.perf_counter() - t:.1f} s")
-        if args.model is None:
-            print("note: the embedded default has random weights, so its answers are noise; "
-                  "pass --model DIR for a real checkpoint")
-        images = [demo_image(i) for i in range(len(DEMO_QUESTIONS))]
-        prompts = [format_prompt(q) for q in DEMO_QUESTIONS]
-        cfg = args.pruning or PruningConfig.scaled_for(engine.cfg.num_visual_tokens, engine.cfg.text.num_layers,
-                                                       pruner_d_internal=min(512, engine.cfg.text.hidden_size))
+        if args.model is None and not has_trained_default():
+            print("note: the embedded trained model is missing from this install, so a random model of the same "
+                  "shape stands in and its answers are noise")
+        examples = demo_examples(5)
+        images = [e[0] for e in examples]
+        prompts = [format_prompt(e[1]) for e in examples]
+        cfg = args.pruning or (default_pruning() if args.model is None else None) or PruningConfig.scaled_for(
+            engine.cfg.num_visual_tokens, engine.cfg.text.num_layers,
+            pruner_d_internal=min(512, engine.cfg.text.hidden_size))
+        print(f"pruning: {cfg if isinstance(cfg, str) else 'the design defaults scaled to this model'}")
         runs = {}
         for name in ("unpruned", "two-stage pruning"):
             if name != "unpruned":
@@ -60,11 +65,13 @@ def run(argv=None) -> int:
             results = engine.generate(images, prompts, max_new_tokens=args.max_new_tokens)
             runs[name] = (results, time.perf_counter() - t)
 
-        for i, q in enumerate(DEMO_QUESTIONS):
-            print(f"\nQ: {q}")
+        for i, (_, question, expected) in enumerate(examples):
+            print(f"\nQ: {question}\n  {'expected':>17}: {expected!r}")
             for name, (results, _) in runs.items():
                 r = results[i]
-                print(f"  {name:>17}: {r.text!r}\n  {'':>17}  {r.stats['prompt_tokens']} prompt tokens "
+                mark = "" if question.startswith("Describe") else ("  [right]" if exact_match(r.text, expected)
+                                                                   else "  [wrong]")
+                print(f"  {name:>17}: {r.text!r}{mark}\n  {'':>17}  {r.stats['prompt_tokens']} prompt tokens "
                       f"({r.stats['visual_tokens']} visual in), {_describe(r.stats)}")
         print()
         for name, (results, seconds) in runs.items():

@@ -1,13 +1,16 @@
-"""The embedded default model and demo images used by `python main.py`.
+"""The embedded default model and the demo inputs used by `python main.py`.
 
-No weights can be downloaded, so the default is a small random LLaVA of the LLaVA-1.5 shape
-(576 visual tokens from 336x336 images) built locally on first use and cached; its answers are
-noise until the quality work ships a trained tiny model here.
+The default is the small SynthVQA LLaVA shipped in vtprune/assets/synthvqa-llava (trained by this
+project, see vtprune/quality/train_base.py and README "Measured quality"), with trained two-stage
+pruning heads next to it. If the package was installed without its assets, a random model of the
+same shape is built locally instead (answers are then noise; main.py says so).
 """
 from __future__ import annotations
 
 import os
 
+ASSET_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "synthvqa-llava")
+ASSET_PRUNING = os.path.join(ASSET_MODEL, "pruning_163.yaml")
 DEFAULT_MODEL_NAME = "tiny-llava-random-v1"
 DEMO_QUESTIONS = [
     "What colour is the circle?",
@@ -21,8 +24,24 @@ def cache_dir() -> str:
     return os.environ.get("VTPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vtprune"))
 
 
+def has_trained_default() -> bool:
+    return os.path.isfile(os.path.join(ASSET_MODEL, "model.safetensors"))
+
+
 def default_model_dir() -> str:
-    """Path of the embedded default model, building it (a few seconds, once) when missing."""
+    """The shipped SynthVQA model, or (without assets) a random one built once into the cache."""
+    if has_trained_default():
+        return ASSET_MODEL
+    return random_model_dir()
+
+
+def default_pruning() -> str | None:
+    """The shipped model's trained two-stage config (71% fewer visual tokens), if present."""
+    return ASSET_PRUNING if has_trained_default() and os.path.isfile(ASSET_PRUNING) else None
+
+
+def random_model_dir() -> str:
+    """A small random LLaVA of the LLaVA-1.5 shape, built (a few seconds, once) when missing."""
     from .tiny_model import build_tiny_llava
 
     path = os.path.join(cache_dir(), DEFAULT_MODEL_NAME)
@@ -38,24 +57,27 @@ def default_model_dir() -> str:
     return path
 
 
+def demo_examples(n: int = 5):
+    """n SynthVQA test-split images with one question each (types rotated, the last a caption):
+    [(PIL image, question, expected answer)]."""
+    from .quality import synthvqa as sv
+
+    out = []
+    kinds = list(sv.QUESTION_TYPES)
+    for i in range(n):
+        img, _, qs, cap = sv.sample(sv.SPLIT_SEEDS["test"], 10_000 + i)
+        if i == n - 1:
+            out.append((img, "Describe the image.", cap))
+            continue
+        want = kinds[i % len(kinds)]
+        q = next((q for q in qs if q["type"] == want), qs[0])
+        out.append((img, q["question"], q["answer"]))
+    return out
+
+
 def demo_image(seed: int, size: int = 336):
-    """A grey canvas with a few coloured shapes (deterministic per seed)."""
-    import random
+    """A SynthVQA-style image (deterministic per seed), resized when size != 336."""
+    from .quality import synthvqa as sv
 
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    img = Image.new("RGB", (size, size), (128, 128, 128))
-    draw = ImageDraw.Draw(img)
-    colours = [(220, 40, 40), (40, 90, 220), (40, 180, 60), (240, 200, 40), (150, 60, 190)]
-    for _ in range(rng.randint(2, 4)):
-        x, y, r = rng.randint(40, size - 40), rng.randint(40, size - 40), rng.randint(15, 35)
-        colour = rng.choice(colours)
-        kind = rng.choice(["circle", "square", "triangle"])
-        if kind == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-        elif kind == "square":
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
-        else:
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
-    return img
+    img = sv.sample(sv.SPLIT_SEEDS["test"], 20_000 + seed)[0]
+    return img if size == sv.IMAGE_SIZE else img.resize((size, size))
