@@ -1,7 +1,7 @@
 """The main job: answer questions about images with the vtprune engine, without and with
 two-stage visual-token pruning, and show what each costs (tokens per stage, FLOPs, time).
 
-    python main.py                                   # the embedded SynthVQA model and its trained pruning heads
+    python main.py                                   # the embedded model (random stand-in until one is shipped)
     python main.py --model DIR                       # any llava-hf LLaVA-1.5 directory
     python main.py --pruning configs/vision_token_pruning.yaml
 """
@@ -43,8 +43,8 @@ def run(argv=None) -> int:
         engine = LlavaEngine.from_pretrained(model_dir, device=device, dtype=dtype)
         print(f"model: {model_dir} ({device}, {dtype}), loaded in {time.perf_counter() - t:.1f} s")
         if args.model is None and not has_trained_default():
-            print("note: the embedded trained model is missing from this install, so a random model of the same "
-                  "shape stands in and its answers are noise")
+            print("note: no trained embedded model is shipped yet, so a random model of the LLaVA-1.5 shape "
+                  "stands in and its answers are noise; pass --model DIR for a real checkpoint")
         examples = demo_examples(5)
         images = [e[0] for e in examples]
         prompts = [format_prompt(e[1]) for e in examples]
