@@ -271,15 +271,10 @@ class LlavaEngine:
             prompts = [prompts]
         if len(continuations) != len(prompts):
             raise VtpruneError(f"got {len(prompts)} prompts and {len(continuations)} continuations")
-        conts = []
-        for p, c in zip(prompts, continuations):
-            ids_p = self.prompts.encode(p)
-            ids = self.prompts.encode(p + c)
-            cont = ids[len(ids_p):] if ids[: len(ids_p)] == ids_p else \
-                list(self.tokenizer(c, add_special_tokens=False)["input_ids"])
+        conts = [self.prompts.continuation(p, c) for p, c in zip(prompts, continuations)]
+        for c, cont in zip(continuations, conts):
             if not cont:
                 raise VtpruneError(f"continuation {c!r} has no tokens")
-            conts.append(cont)
         n = max(len(c) for c in conts)
         batch = self.prepare(images, prompts, n)
         cache, step_fn = self._decoder_state(batch, n, use_cuda_graph)

@@ -81,6 +81,16 @@ class PromptEncoder:
             ids = [m if i == t else i for i in ids]
         return ids
 
+    def continuation(self, prompt: str, text: str, prompt_ids: list[int] | None = None) -> list[int]:
+        """The tokens of `text` as they follow `prompt`: the tail of the joint tokenization when the
+        prompt's own tokens are its prefix (so boundary merges match what generation produces),
+        else `text` tokenized alone."""
+        prompt_ids = self.encode(prompt) if prompt_ids is None else prompt_ids
+        joint = self.encode(prompt + text)
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            return joint[len(prompt_ids):]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def decode(self, ids: Sequence[int]) -> str:
         n = len(self.tokenizer)
         return self.tokenizer.decode([i for i in ids if i < n], skip_special_tokens=True)

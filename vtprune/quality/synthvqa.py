@@ -71,19 +71,21 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=muted())
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, o: Obj, fill=None, outline=(20, 20, 20)) -> None:
+    """Draw `o` (default: its colour, dark outline). The base-model trainer draws its patch label
+    maps with the same geometry (fill = a class id, no outline)."""
     h = o.size // 2
     box = [o.x - h, o.y - h, o.x + h, o.y + h]
-    fill, outline = COLOURS[o.colour], (20, 20, 20)
+    fill = COLOURS[o.colour] if fill is None else fill
+    style = dict(fill=fill, outline=outline, width=2) if outline is not None else dict(fill=fill)
     if o.shape == "circle":
-        draw.ellipse(box, fill=fill, outline=outline, width=2)
+        draw.ellipse(box, **style)
     elif o.shape == "square":
-        draw.rectangle(box, fill=fill, outline=outline, width=2)
+        draw.rectangle(box, **style)
     elif o.shape == "triangle":
-        draw.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], fill=fill, outline=outline, width=2)
+        draw.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], **style)
     else:  # diamond
-        draw.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], fill=fill, outline=outline,
-                     width=2)
+        draw.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], **style)
 
 
 def _objects(rng: random.Random) -> list[Obj]:
@@ -153,7 +155,7 @@ def sample(seed: int, index: int):
     _clutter(draw, rng)
     objs = _objects(rng)
     for o in objs:
-        _draw(draw, o)
+        draw_object(draw, o)
     return img, objs, _questions(objs, rng), caption(objs)
 
 

@@ -68,22 +68,22 @@ def patch_labels(objs) -> torch.Tensor:
         im = Image.new("L", (sv.IMAGE_SIZE, sv.IMAGE_SIZE), 0)
         d = ImageDraw.Draw(im)
         for o in objs:
-            h = o.size // 2
-            v = 1 + ids.index(getattr(o, key))
-            if o.shape == "circle":
-                d.ellipse([o.x - h, o.y - h, o.x + h, o.y + h], fill=v)
-            elif o.shape == "square":
-                d.rectangle([o.x - h, o.y - h, o.x + h, o.y + h], fill=v)
-            elif o.shape == "triangle":
-                d.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], fill=v)
-            else:
-                d.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], fill=v)
+            sv.draw_object(d, o, fill=1 + ids.index(getattr(o, key)), outline=None)
         a = torch.tensor(list(im.getdata()), dtype=torch.long).view(sv.IMAGE_SIZE, sv.IMAGE_SIZE)
         maps.append(a[PATCH // 2::PATCH, PATCH // 2::PATCH])
     centre = torch.zeros(GRID, GRID, dtype=torch.long)
     for o in objs:
         centre[o.y // PATCH, o.x // PATCH] = 1
     return torch.stack([*maps, centre])
+
+
+def _optimizer_step(opt, params, loss, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
 
 
 def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -120,12 +120,7 @@ def stage_a(model, steps: int, batch: int, seed: int, log) -> None:
                 + F.cross_entropy(out[..., nc:nc + ns].flatten(0, 1), ys.flatten(), weight=ws)
                 + F.cross_entropy(out[..., nc + ns:nc + ns + 2].flatten(0, 1), yz.flatten(), weight=torch.tensor([0.05, 1.0]))
                 + 0.5 * F.cross_entropy(out[..., nc + ns + 2:].flatten(0, 1), columns.expand(len(ims), -1).flatten()))
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, 2e-3)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, params, loss, _lr(step, steps, 2e-3))
         if step % 50 == 0 or step == steps - 1:
             with torch.no_grad():
                 obj = ys.flatten() > 0
@@ -219,12 +214,7 @@ def stage_b(model, examples: Examples, steps: int, batch: int, seed: int, log, l
             out = model(input_ids=ids, attention_mask=mask, pixel_values=px)
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, warmup=100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=100))
         if step % 25 == 0 or step == steps - 1:
             with torch.no_grad():
                 tgt = labels[:, 1:]

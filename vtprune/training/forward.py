@@ -59,12 +59,7 @@ class BatchBuilder:
     def answer_ids(self, prompt: str, answer: str, prompt_ids: list[int]) -> list[int]:
         """The answer's tokens as they follow the prompt (tokenized together where the prompt's
         tokens are a prefix of the joint tokenization, else alone), then EOS."""
-        joint = self.pruned.encode(prompt + " " + answer.strip())
-        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-            ids = joint[len(prompt_ids):]
-        else:
-            ids = list(self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
-        return ids + [self.eos_id]
+        return self.pruned.continuation(prompt, " " + answer.strip(), prompt_ids) + [self.eos_id]
 
     def _sequences(self, prompts: list[list[int]], answers: list[list[int]]) -> Sequences:
         rows = [p + a for p, a in zip(prompts, answers)]
