@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact pipeline behind the embedded SynthVQA model and benchmarks/results/synthvqa_quality_*:
 # data -> base model (from scratch) -> two-stage heads (vtprune train, two budgets) -> evaluation
-# of every policy at equal budgets. CPU: about 1.5 h on 2 cores (most of it the base model).
+# of every policy at equal budgets. CPU: about 2 h on 2 cores (most of it the base model).
 #   bash benchmarks/quality_synthvqa.sh [DATA_DIR] [RUNS_DIR]
 set -euo pipefail
 DATA=${1:-data/synthvqa}
@@ -10,7 +10,15 @@ MODEL=vtprune/assets/synthvqa-llava
 STEPS_HEADS=${STEPS_HEADS:-400}
 
 python -m vtprune.quality.synthvqa --out "$DATA" --train 2000 --val 0 --test 500
-python -m vtprune.quality.train_base --out "$MODEL" --steps-a 300 --steps-b 1500
+# base model: stage A + the first half of stage B (4 left/right pairs per image, background
+# curriculum), then a continuation with 8 left/right pairs per image and every token visible
+# (left/right lagged: 35% after the first part while shape was at 100%)
+python -m vtprune.quality.train_base --out "$RUNS/base_1" --steps-a 800 --steps-b 1500 --stop-after 750 \
+    --left-right-pairs 4
+python -m vtprune.quality.train_base --out "$RUNS/base_2" --init-from "$RUNS/base_1" --steps-a 0 --steps-b 1000 \
+    --first-image 6000 --curriculum 0
+mkdir -p "$MODEL"
+cp "$RUNS"/base_2/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,training.json} "$MODEL/"
 for budget in 163 64; do
   rm -rf "$RUNS/synthvqa_$budget"
   vtprune train --model "$MODEL" --config configs/synthvqa_two_stage_$budget.yaml --data "$DATA/train.jsonl" \

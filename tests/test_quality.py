@@ -192,10 +192,15 @@ def test_lmms_eval_plugin_logic(small_dir, small_engine, tmp_path):
 
 
 def test_base_training_targets_and_conversations():
-    """Stage A's patch labels sit under the objects; stage B's rows put labels on answers only,
-    and their first turn is exactly the single-question prompt the engine builds."""
+    """Stage A's patch labels sit under the objects; stage B's answers are right, labels sit on
+    answers only, and a packed row computes each turn exactly as the engine's single-question
+    prompt would."""
+    import random
+
+    import torch
+
     from vtprune.engine.inputs import format_prompt
-    from vtprune.quality.train_base import GRID, Examples, patch_labels, pixels
+    from vtprune.quality.train_base import GRID, Examples, patch_labels, pixels, training_questions
     from vtprune.tiny_model import build_tokenizer
 
     img, objs, qs, cap = sv.sample(4, 2)
@@ -214,17 +219,43 @@ def test_base_training_targets_and_conversations():
 
     tok = build_tokenizer(384, sv.vocabulary_text())
     ex = Examples(tok, tok.convert_tokens_to_ids("<image>"))
-    turns = [(q["question"], q["answer"]) for q in qs[:2]]
-    ids, labels = ex.conversation(turns)
-    first = ex.enc.encode(format_prompt(turns[0][0]))
-    assert ids[: len(first)] == first and all(v == -100 for v in labels[: len(first)])
-    answers = [t for t in labels if t != -100]
-    assert tok.decode(answers, skip_special_tokens=False).replace("</s>", "|").split("|")[:2] == \
-        [" " + turns[0][1], " " + turns[1][1]]
+    qa = training_questions(objs, random.Random(0))
+    assert {q.split()[0] for q, _ in qa} >= {"What", "How", "Is"} and len(qa) >= 12
+    for q, a in qa:  # every training answer agrees with the drawn objects
+        if q.startswith("How many"):
+            assert a == sv.NUMBERS[sum(o.colour == q.split()[2] for o in objs)]
+        elif q.startswith("Is there"):
+            assert (a == "yes") == any(f" {o.name}?" in q for o in objs)
+        elif q.startswith("What colour"):
+            assert a == next(o.colour for o in objs if f" {o.shape}?" in q)
+    prefix, turns = ex.turns(qa[:3])
+    for (q, a), (ids, labels) in zip(qa[:3], turns):  # prefix + turn == the engine's prompt + answer
+        prompt = ex.enc.encode(format_prompt(q))
+        assert prefix + ids[: len(prompt) - len(prefix)] == prompt
+        assert tok.decode([t for t in labels if t != -100], skip_special_tokens=False) == f" {a}</s>"
+        assert all(t == -100 for t in labels[: len(prompt) - len(prefix)])
+
+    # one packed forward == each turn alone behind the image (block mask, positions restart)
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.quality.train_base import build_config
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build_config(tok)).eval()
+    px, ids, mask, pos, labels, dense = ex.batch(4, 2, 2)
+    assert dense.shape == (2, 3, GRID, GRID) and bool((dense[0] == y).all())
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=px).logits
+        starts = [t for t in range(1, ids.shape[1]) if pos[1, t] != pos[1, t - 1] + 1 and ids[1, t] != tok.pad_token_id]
+        P = int(pos[1, starts[0]])
+        ends = starts[1:] + [int((ids[1] != tok.pad_token_id).nonzero().max()) + 1]
+        assert len(starts) >= 12 and P > GRID * GRID
+        for s_, e_ in zip([P] + starts, [starts[0]] + ends):
+            alone = model(input_ids=torch.cat([ids[1, :P], ids[1, s_:e_]])[None], pixel_values=px[1:]).logits[0, P:]
+            assert (alone - packed[1, s_:e_]).abs().max() < 1e-5  # 4e-7 measured; 7e-4 without position ids
     # the curriculum hides background visual tokens only (object tokens and text stay visible)
-    px, ids, mask, labels = ex.batch(4, 2, 1, background_keep=0.05)
+    px, ids, mask, pos, labels, dense = ex.batch(4, 2, 1, background_keep=0.05)
     vis = ids[0] == tok.convert_tokens_to_ids("<image>")
-    shown = mask[0][vis].bool().view(GRID, GRID)
+    last = int((ids[0] != tok.pad_token_id).nonzero().max())
+    shown = mask[0, 0, last][vis].view(GRID, GRID)  # what the last answer token sees
     assert bool(shown[y[0] > 0].all()) and 0.1 < float(shown.float().mean()) < 0.5
-    assert bool(mask[0][~vis][ids[0][~vis] != tok.pad_token_id].all())
-    assert bool(ex.batch(4, 2, 1)[2].bool().all())
+    assert bool(ex.batch(4, 2, 1)[2][0, 0, last][vis].all())
