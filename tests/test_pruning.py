@@ -133,6 +133,37 @@ def test_positions_are_the_original_ones(small_dir):
         prev = [pos[b, : lengths[b]].tolist() for b in range(3)]
 
 
+def test_merge_keeps_the_original_rope_positions(small_dir, small_engine):
+    """A 36 -> 18 merge gives what the full-length prompt gives with each merged token in its
+    centre's slot and the other image slots masked out: merged tokens keep their original RoPE
+    positions, the question keeps its own, and decoding continues after the full prompt's end."""
+    cfg = dict(SMALL, layer_keep_tokens=[18, 18, 18])  # merge only
+    engine = engine_with(small_dir, **cfg)
+    plan, model = engine.plan, engine.model
+    assert plan.position_offset == 36 - 18
+    batch = engine.prepare(IMAGES, PROMPTS)
+    full = small_engine.prepare(IMAGES, PROMPTS)
+    with torch.inference_mode():
+        logits, _ = plan.prefill(model, batch, None)
+        feats, centres = plan.visual_features_and_sources(model, batch)
+        pos = plan.positions(batch.input_ids, centres)
+        img = model.cfg.image_token_index
+        B, T = full.input_ids.shape
+        start = (full.input_ids == img).long().argmax(1)
+        slots = start[:, None] + centres
+        assert (pos.gather(1, (batch.input_ids == img).long().argmax(1)[:, None] + torch.arange(18)[None]) == slots).all()
+        assert (pos[torch.arange(B), batch.lengths - 1] == full.lengths - 1).all()
+        x = model.embed(full.input_ids, torch.zeros(B, 36, feats.shape[-1]))
+        x[torch.arange(B)[:, None], slots] = feats
+        logmask = torch.zeros(B, T).masked_fill(full.input_ids == img, float("-inf"))
+        logmask[torch.arange(B)[:, None], slots] = 0.0
+        h = model.decoder(x, torch.arange(T).expand(B, T), key_logmasks={i: logmask for i in range(model.cfg.text.num_layers)})
+        ref = model.decoder.logits(h[torch.arange(B), full.lengths - 1])
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+    engine.generate(IMAGES[:1], PROMPTS[:1], max_new_tokens=2)
+    assert int(engine._decode_state[3][0]) == int(full.lengths[0])  # the first new token's position
+
+
 @pytest.mark.parametrize("policy,budget", [("fastv", 24), ("fastv", 30), ("pdrop", 16), ("pdrop", 9),
                                            ("visionzip", 9), ("random", 20)])
 def test_baselines_honour_their_budget(small_dir, policy, budget):

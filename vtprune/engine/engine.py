@@ -356,7 +356,9 @@ class LlavaEngine:
             runner = DecodeGraph(self.model, cache, base_positions) if graph else None
             self._decode_state = (key, cache, runner, base_positions)
         _, cache, runner, base_positions = self._decode_state
-        base_positions.copy_(batch.lengths)
+        # generated tokens follow the prompt's last RoPE position (a two-stage merge keeps the
+        # original positions: PruningPlan.position_offset)
+        base_positions.copy_(batch.lengths + (self.plan.position_offset if self.plan is not None else 0))
         if runner is not None:
             return cache, runner
         step = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -45,7 +45,8 @@ class DropPoint:
 @dataclass
 class PrefillTrace:
     """Per-row token counts entering each decoder layer ([B] tensors, one per layer), and for each
-    drop point the original positions that survive it ({layer: (positions [B, T'], lengths [B])})."""
+    drop point the prompt indices that survive it ({layer: (indices [B, T'], lengths [B])}; the
+    sequence as prefilled, i.e. after any merge)."""
     visual: list
     total: list
     kept: dict
@@ -113,15 +114,42 @@ class PruningPlan:
             caps.append(cur)
         return caps
 
+    @property
+    def position_offset(self) -> int:
+        """How far the text after the image sits from its index in the sequence: two-stage merges
+        keep the original RoPE positions (each merged token at its centre's place in the 576-token
+        run, the text after it where it was), as layer pruning does. The decoder was trained on
+        full runs and reads relative positions (the SynthVQA model's left/right accuracy fell from
+        85% to 25% with contiguous positions after a 576 -> 230 merge; dev box, 2026-11-27).
+        Pre-decoder baselines (VisionZip-style, random) feed fewer tokens at contiguous positions,
+        as their published code does."""
+        if self.cfg.policy != "two_stage":
+            return 0
+        return self.mcfg.num_visual_tokens - self.visual_in_sequence
+
+    def positions(self, input_ids: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
+        """RoPE positions [B, T] of a prompt batch whose image run holds visual_in_sequence tokens
+        taken from `sources` [B, M] (ascending indices into the full run; None: contiguous)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if sources is None or self.position_offset == 0:
+            return positions.contiguous()
+        return original_positions(input_ids, self.mcfg.image_token_index, sources, self.mcfg.num_visual_tokens)
+
     # ------------------------------------------------------------------ stage 0
     def visual_features(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False) -> torch.Tensor:
         """Projected visual tokens [B, visual_in_sequence, D] for the prompt's image slots."""
+        return self.visual_features_and_sources(model, batch, noise)[0]
+
+    def visual_features_and_sources(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False):
+        """(projected visual tokens [B, visual_in_sequence, D], the full-run index each one stands
+        for [B, visual_in_sequence] (two-stage merge centres) or None)."""
         c = self.cfg
         if c.policy == "visionzip":
             cls_attn = {}
             feats = vision_features(model, batch, probe=lambda q, k: cls_attn.update(a=_cls_attention(q, k)))
             a = cls_attn["a"] if batch.image_index is None else cls_attn["a"][batch.image_index]
-            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg))
+            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg)), None
         feats = vision_features(model, batch)
         if c.policy == "random":
             # one random subset (seed 0) for every image: reproducible, and a row's result does
@@ -130,13 +158,14 @@ class PruningPlan:
             scores = torch.rand(feats.shape[1], generator=g, device=feats.device).expand(feats.shape[:2])
             idx = scores.topk(self.visual_in_sequence, dim=-1).indices.sort(-1).values
             feats = feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))
-        elif c.policy == "two_stage":
+        sources = None
+        if c.policy == "two_stage":
             question, valid = None, None
             if c.merger_type == "question_aware":
                 qmask = _question_mask(batch.input_ids, self.mcfg.image_token_index, batch.lengths)
                 question, valid = _pack(model.decoder.embed_tokens(batch.input_ids), qmask)
-            feats, _, _ = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
-        return model.projector(feats)
+            feats, sources, _ = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
+        return model.projector(feats), sources
 
     # ------------------------------------------------------------------ the pruned prefill
     def prefill(self, model: LlavaModel, batch: PreparedBatch, cache, share_prefix: bool = True):
@@ -144,12 +173,13 @@ class PruningPlan:
         Returns (last-token logits [B, V], PrefillTrace)."""
         from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
 
-        feats = self.visual_features(model, batch)
+        feats, sources = self.visual_features_and_sources(model, batch)
         x = model.embed(batch.input_ids, feats)
         B, T = batch.input_ids.shape
         dev = x.device
         lengths = batch.lengths
-        positions = torch.arange(T, device=dev).expand(B, T).contiguous()
+        positions = self.positions(batch.input_ids, sources)
+        index = torch.arange(T, device=dev).expand(B, T).contiguous()  # what PrefillTrace.kept reports
         is_visual = (batch.input_ids == self.mcfg.image_token_index).long()
         is_question = _question_mask(batch.input_ids, self.mcfg.image_token_index, lengths).long()
         if cache is not None:
@@ -163,7 +193,7 @@ class PruningPlan:
         # attention probe); a question-aware merge makes even the image tokens row-specific.
         question_aware = self.cfg.policy == "two_stage" and self.cfg.merger_type == "question_aware"
         sharing = (plan_sharing(batch, self.mcfg.image_token_index)
-                   if share_prefix and not question_aware else None)
+                   if share_prefix and not question_aware and self.position_offset == 0 else None)
         if sharing is not None:
             stop = min([*points, *probes.hooks, L])
             if stop > 0:
@@ -183,11 +213,12 @@ class PruningPlan:
             idx, new_len = _keep_indices(keep)
             x = gather_tokens(x, idx, new_len, validate=False)
             positions = gather_tokens(positions, idx, new_len, validate=False)
+            index = gather_tokens(index, idx, new_len, validate=False)
             is_visual = gather_tokens(is_visual, idx, new_len, validate=False)
             is_question = gather_tokens(is_question, idx, new_len, validate=False)
             lengths, vis_count = new_len, is_visual.sum(1)
             probes.lengths = lengths
-            trace.kept[layer] = (positions, lengths)
+            trace.kept[layer] = (index, lengths)
             if cache is not None:
                 cache.set_lengths(lengths, layers=range(layer, L))
         last = x[torch.arange(B, device=dev), lengths - 1]
@@ -246,10 +277,10 @@ def masked_prefill(model: LlavaModel, plan: PruningPlan, batch: PreparedBatch, k
     keys of tokens dropped there (and earlier) are masked out (additive -inf). `kept` is
     PrefillTrace.kept (or the same structure from hard masks). With the same decisions this
     gives the dropping prefill's last-token logits (tests/test_pruning.py checks it)."""
-    feats = plan.visual_features(model, batch)
+    feats, sources = plan.visual_features_and_sources(model, batch)
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
-    positions = torch.arange(T, device=x.device).expand(B, T)
+    positions = plan.positions(batch.input_ids, sources)
     logmask = torch.zeros(B, T, device=x.device)
     key_logmasks = {}
     for layer in range(model.cfg.text.num_layers):
@@ -282,6 +313,20 @@ class _Probes:
             valid = torch.arange(T, device=q.device)[None, None, :] < lengths[:, None, None]
             self.scores[for_layer] = s.masked_fill(~valid, float("-inf")).softmax(-1).mean(1)
         self.hooks[at_layer] = hook
+
+
+def original_positions(input_ids: torch.Tensor, image_token: int, sources: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """Positions [B, T] for rows whose one image run holds M = sources.shape[1] tokens standing
+    for full-run indices `sources` (ascending): the image run starts at s, its token j sits at
+    s + sources[j], and every token after the run at its index + (num_visual - M)."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    M = sources.shape[1]
+    start = (input_ids == image_token).long().argmax(1)  # each row's first image token
+    idx = torch.arange(T, device=dev)[None, :]
+    positions = idx + (idx >= (start + M)[:, None]).long() * (num_visual - M)
+    cols = start[:, None] + torch.arange(M, device=dev)[None, :]
+    return positions.scatter(1, cols, start[:, None] + sources.to(positions.dtype))
 
 
 def _question_mask(input_ids, image_token: int, lengths) -> torch.Tensor:

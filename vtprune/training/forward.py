@@ -26,7 +26,7 @@ from ..engine.model import LlavaModel
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
-from ..pruning.plan import _pack, _question_mask
+from ..pruning.plan import _pack, _question_mask, original_positions
 
 
 @dataclass
@@ -164,10 +164,12 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     prompt_q = _question_mask(seq.input_ids, image_token, seq.prompt_lengths)
     if cfg.merger_type == "question_aware":
         question, qvalid = _pack(model.decoder.embed_tokens(seq.input_ids), prompt_q)
-    merged, _, merge_logits = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
+    merged, centres, merge_logits = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
     x = model.embed(seq.input_ids, model.projector(merged))
     dev = x.device
-    positions = torch.arange(T, device=dev).expand(B, T)
+    # the merged tokens at their centres' original positions, as inference places them
+    # (PruningPlan.position_offset)
+    positions = original_positions(seq.input_ids, image_token, centres, vision_feats.shape[1])
     cos, sin = model.decoder.rotary(positions, x.dtype)
     is_visual = seq.input_ids == image_token
     M = merged.shape[1]
