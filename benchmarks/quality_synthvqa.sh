@@ -7,7 +7,7 @@ set -euo pipefail
 DATA=${1:-data/synthvqa}
 RUNS=${2:-runs}
 MODEL=vtprune/assets/synthvqa-llava
-STEPS_HEADS=${STEPS_HEADS:-400}
+STEPS_HEADS=${STEPS_HEADS:-300}
 
 python -m vtprune.quality.synthvqa --out "$DATA" --train 2000 --val 0 --test 500
 # base model: stage A + the first half of stage B (4 left/right pairs per image, background
@@ -19,7 +19,7 @@ python -m vtprune.quality.train_base --out "$RUNS/base_2" --init-from "$RUNS/bas
     --first-image 6000 --curriculum 0
 mkdir -p "$MODEL"
 cp "$RUNS"/base_2/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,training.json} "$MODEL/"
-for budget in 163 64; do
+for budget in 189 64; do
   rm -rf "$RUNS/synthvqa_$budget"
   vtprune train --model "$MODEL" --config configs/synthvqa_two_stage_$budget.yaml --data "$DATA/train.jsonl" \
       --out "$RUNS/synthvqa_$budget" --steps "$STEPS_HEADS" --batch-size 8 --save-every 100 --no-progress
@@ -27,5 +27,5 @@ for budget in 163 64; do
   sed "s#^weights: .*#weights: pruning_$budget.safetensors#" "$RUNS/synthvqa_$budget/pruning.yaml" > "$MODEL/pruning_$budget.yaml"
 done
 out=benchmarks/results/synthvqa_quality_$(python -c "import platform; print(platform.machine())")_$(date +%F)
-vtprune eval --model "$MODEL" --data "$DATA/test.jsonl" --compare --pruning "$MODEL/pruning_163.yaml" \
+vtprune eval --model "$MODEL" --data "$DATA/test.jsonl" --compare --pruning "$MODEL/pruning_189.yaml" \
     --pruning "$MODEL/pruning_64.yaml" --out "$out" --no-progress

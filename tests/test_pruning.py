@@ -276,3 +276,24 @@ def test_shared_prefix_runs_the_prefix_once(small_engine, monkeypatch):
     im = make_image(52)
     small_engine.next_token_logits([im, im, im], PROMPTS)
     assert calls == [[0]]  # one distinct prefix, computed from row 0
+
+
+def test_fresh_merger_clusters_by_similarity():
+    """An untrained merger scores token-centre pairs by the cosine of tied key/query projections:
+    every centre is its own best match, and each merged token is the mean of its cluster."""
+    from vtprune.pruning.modules import TokenMerger
+
+    torch.manual_seed(0)
+    merger = TokenMerger(PruningConfig(**dict(SMALL, merger_type="simple")), vision_dim=24, text_dim=16)
+    feats = torch.randn(2, 36, 24)
+    with torch.no_grad():
+        merged, centres, _ = merger(feats, tau=1e-5)
+        keys = merger._unit(merger.key_proj(feats))
+        queries = merger._unit(merger.query_proj(feats.gather(1, centres[..., None].expand(-1, -1, 24))))
+    cos = keys @ queries.transpose(1, 2) / 24 ** 0.5  # [B, N, M]
+    for b in range(2):
+        assert (cos[b, centres[b]].argmax(-1) == torch.arange(centres.shape[1])).all()
+        cluster = cos[b].argmax(-1)  # tau -> 0: hard assignment
+        for m in range(centres.shape[1]):
+            # (a wrong cluster is off by ~1)
+            torch.testing.assert_close(merged[b, m], feats[b, cluster == m].mean(0), atol=1e-4, rtol=1e-4)
