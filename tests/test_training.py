@@ -98,7 +98,12 @@ def test_every_head_and_the_discriminator_receive_gradients(small_dir, tmp_path)
 
 
 def test_a_few_steps_lower_the_task_loss_and_leave_the_model_untouched(small_dir, tmp_path):
-    tr = _trainer(small_dir, tmp_path, steps=8)
+    # The task loss alone, at the temperature it is judged at (tau 0.1 throughout), lr 1e-3.
+    # Since the merger's scores became cosines (tau 1 is then an almost uniform merge), the
+    # earlier setting (annealing from 1, GAN weight 1, lr 1e-2) measured a rise, 8.41 -> 8.63, and
+    # lr 1e-2 without the GAN term too (8.85): too large a step for 8 steps on this random model.
+    # The annealing schedule itself is tested in test_training_parts.
+    tr = _trainer(small_dir, tmp_path, steps=8, temperature=0.1, adv_loss_weight=0.0, lr=1e-3)
     frozen = {k: v.clone() for k, v in tr.model.state_dict().items()}
     examples = tr.data.examples[:4]
 
@@ -119,7 +124,7 @@ def test_a_few_steps_lower_the_task_loss_and_leave_the_model_untouched(small_dir
     for key in ("g_loss", "adv", "ce", "kl", "sparsity", "d_loss", "d_acc", "tau", "kept_tokens"):
         assert key in record
     assert record["kept_tokens"] == [18, 12.0, 9.0, 6.0]
-    assert log[0]["tau"] == pytest.approx(1.0) and log[-1]["tau"] == pytest.approx(0.1)
+    assert log[0]["tau"] == pytest.approx(0.1) and log[-1]["tau"] == pytest.approx(0.1)
 
 
 def _state(out):
