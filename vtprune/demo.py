@@ -1,9 +1,9 @@
 """The embedded default model and the demo inputs used by `python main.py`.
 
-The default is the small SynthVQA LLaVA in vtprune/assets/synthvqa-llava (trained by this project
-with vtprune/quality/train_base.py, its two-stage pruning heads next to it) when it is present.
-None is shipped yet (README "Measured quality"), so a random model of the same shape is built
-locally instead (answers are then noise; main.py says so).
+The default is the small SynthVQA LLaVA shipped in vtprune/assets/synthvqa-llava (trained by this
+project with vtprune/quality/train_base.py, see README "Measured quality"), with its two-stage
+pruning heads next to it. If the package was installed without its assets, a random model of the
+same shape is built locally instead (answers are then noise; main.py says so).
 """
 from __future__ import annotations
 
