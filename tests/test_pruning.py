@@ -145,7 +145,7 @@ def test_merge_keeps_the_original_rope_positions(small_dir, small_engine):
     full = small_engine.prepare(IMAGES, PROMPTS)
     with torch.inference_mode():
         logits, _ = plan.prefill(model, batch, None)
-        feats, centres = plan.visual_features_and_sources(model, batch)
+        feats, centres, sizes = plan.visual_features_and_sources(model, batch)
         pos = plan.positions(batch.input_ids, centres)
         img = model.cfg.image_token_index
         B, T = full.input_ids.shape
@@ -156,7 +156,7 @@ def test_merge_keeps_the_original_rope_positions(small_dir, small_engine):
         x = model.embed(full.input_ids, torch.zeros(B, 36, feats.shape[-1]))
         x[torch.arange(B)[:, None], slots] = feats
         logmask = torch.zeros(B, T).masked_fill(full.input_ids == img, float("-inf"))
-        logmask[torch.arange(B)[:, None], slots] = 0.0
+        logmask[torch.arange(B)[:, None], slots] = sizes.log()  # proportional attention (the default)
         h = model.decoder(x, torch.arange(T).expand(B, T), key_logmasks={i: logmask for i in range(model.cfg.text.num_layers)})
         ref = model.decoder.logits(h[torch.arange(B), full.lengths - 1])
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
@@ -287,7 +287,7 @@ def test_fresh_merger_clusters_by_similarity():
     merger = TokenMerger(PruningConfig(**dict(SMALL, merger_type="simple")), vision_dim=24, text_dim=16)
     feats = torch.randn(2, 36, 24)
     with torch.no_grad():
-        merged, centres, _ = merger(feats, tau=1e-5)
+        merged, centres, _, sizes = merger(feats, tau=1e-5)
         keys = merger._unit(merger.key_proj(feats))
         queries = merger._unit(merger.query_proj(feats.gather(1, centres[..., None].expand(-1, -1, 24))))
     cos = keys @ queries.transpose(1, 2) / 24 ** 0.5  # [B, N, M]
@@ -297,3 +297,56 @@ def test_fresh_merger_clusters_by_similarity():
         for m in range(centres.shape[1]):
             # (a wrong cluster is off by ~1)
             torch.testing.assert_close(merged[b, m], feats[b, cluster == m].mean(0), atol=1e-4, rtol=1e-4)
+        # sizes: how many tokens each merged token stands for (proportional attention's log(size))
+        torch.testing.assert_close(sizes[b], torch.bincount(cluster, minlength=centres.shape[1]).float(),
+                                   atol=1e-3, rtol=0)
+
+
+def test_proportional_attention_counts_a_merged_token_as_its_size(small_engine):
+    """A key with bias log(s) draws the attention that s copies of it at the same position would:
+    later tokens' outputs agree exactly (the ToMe rule the two-stage merge uses)."""
+    model = small_engine.model
+    g = torch.Generator().manual_seed(0)
+    D = model.cfg.text.hidden_size
+    x = torch.randn(1, 6, D, generator=g)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    bias = torch.zeros(1, 6)
+    bias[0, 2] = torch.tensor(3.0).log()
+    # the same sequence with token 2 written three times, all at position 2
+    dup = torch.cat([x[:, :3], x[:, 2:3], x[:, 2:3], x[:, 3:]], 1)
+    dpos = torch.tensor([[0, 1, 2, 2, 2, 3, 4, 5]])
+    with torch.no_grad():
+        # one layer: after it the copies' hidden states differ (each sees a different causal window)
+        h = model.decoder(x, pos, key_logmasks={0: bias}, layers=range(1))
+        hd = model.decoder(dup, dpos, layers=range(1))
+        without = model.decoder(x, pos, layers=range(1))
+    torch.testing.assert_close(h[:, 3:], hd[:, 5:], atol=1e-5, rtol=1e-5)
+    assert (without[:, 3:] - hd[:, 5:]).abs().max() > 1e-3  # and the bias is what makes them agree
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_decoding_through_the_cache_matches_the_masked_forward(small_dir, proportional):
+    """Token log-probs of a continuation read through the KV cache (pruned, compacted, with the
+    merged tokens' log(size) biases in the decode masks) equal a full recompute of prompt +
+    continuation with the same decisions (masked_prefill), one row at a time."""
+    from vtprune.engine.generate import PreparedBatch
+
+    engine = engine_with(small_dir, **dict(SMALL, merger_type="simple", proportional_attention=proportional))
+    assert engine.plan.uses_key_bias == proportional
+    plan, model = engine.plan, engine.model
+    for image, prompt in zip(IMAGES[:2], PROMPTS[:2]):
+        cont = " a red circle and a blue square"
+        ids = engine.prompts.continuation(prompt, cont)
+        (ours, _), = engine.score([image], [prompt], [cont])
+        batch = engine.prepare([image], [prompt])
+        T = batch.input_ids.shape[1]
+        with torch.inference_mode():
+            _, trace = plan.prefill(model, batch, None)
+            ref = 0.0
+            for j, t in enumerate(ids):
+                seq = torch.cat([batch.input_ids, torch.tensor([ids[:j]], dtype=torch.long)], 1)
+                kept = {layer: (torch.cat([idx[:, : int(n[0])], torch.arange(T, T + j)[None]], 1), n + j)
+                        for layer, (idx, n) in trace.kept.items()}
+                logits = masked_prefill(model, plan, PreparedBatch(seq, batch.lengths + j, batch.pixel_values), kept)
+                ref += float(torch.log_softmax(logits.float(), -1)[0, t])
+        assert abs(ours - ref) < 1e-3 * max(1.0, abs(ref)), (ours, ref)

@@ -64,6 +64,22 @@ def test_non_contiguous_inputs():
                                atol=2e-6, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("B,N,M,d", [(2, 7, 3, 8), (1, 577, 288, 16)])
+def test_sizes_match_reference_and_count_every_token_once(B, N, M, d):
+    """sizes = the merge weights' column sums: the kernel's equal the reference's, each token's
+    weights sum to 1 so the sizes add up to N, and the merged output is unchanged."""
+    x, k, q = inputs(B, N, M, 9, d, seed=N + 1)
+    out, sizes = soft_merge(x, k, q, 0.3, return_sizes=True)
+    rout, rsizes = soft_merge_reference(x, k, q, 0.3, return_sizes=True)
+    assert sizes.shape == (B, M) and sizes.dtype == torch.float32 and not sizes.requires_grad
+    torch.testing.assert_close(sizes, rsizes, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sizes.sum(1), torch.full((B,), float(N), device=DEV), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out, soft_merge(x, k, q, 0.3))
+    out.sum().backward()  # the sizes output does not get in the way of the gradient
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_reference_gradcheck_float64():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)

@@ -351,7 +351,7 @@ class LlavaEngine:
             t = self.cfg.text
             segments = [p.layer for p in self.plan.drop_points] if self.plan is not None else None
             cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device,
-                            segments=segments)
+                            segments=segments, key_bias=self.plan is not None and self.plan.uses_key_bias)
             base_positions = torch.zeros(B, dtype=torch.long, device=self.device)
             runner = DecodeGraph(self.model, cache, base_positions) if graph else None
             self._decode_state = (key, cache, runner, base_positions)

@@ -11,6 +11,8 @@ Why this layout:
   held in a device tensor: the decode step has static shapes and is captured in a CUDA graph.
 - Layers own their prompt capacity P_l and lengths len_l, so layers after a pruning point can
   hold fewer (and per-row different) prompt tokens; the decode mask comes from (len_l, P_l).
+- key_bias=True adds one additive bias per slot (0 unless set; PruningPlan writes log(size) of
+  merged tokens there, proportional attention): the decode masks are then float, not bool.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 class KVCache:
     def __init__(self, batch: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  prompt_capacity: int | list[int], max_new_tokens: int, dtype, device,
-                 segments: list[int] | None = None):
+                 segments: list[int] | None = None, key_bias: bool = False):
         """`segments`: first layers of the groups of layers that hold the same tokens (a pruning
         plan's drop layers, plus 0). Each group gets one lengths tensor, allocated here once and
         only ever written in place: a captured CUDA graph reads these very tensors."""
@@ -34,10 +36,15 @@ class KVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         starts = sorted({0, *(segments or [])})
         self.lengths: list[torch.Tensor] = []
+        self.key_bias: list[torch.Tensor | None] = []
         for i in range(num_layers):
             if i in starts:
                 group = torch.zeros(batch, dtype=torch.long, device=device)
+                bias = torch.zeros(batch, caps[i] + max_new_tokens, dtype=dtype, device=device) if key_bias else None
+            if bias is not None and bias.shape[1] != caps[i] + max_new_tokens:
+                raise ValueError(f"key_bias: layer {i} has another capacity than its segment's first layer")
             self.lengths.append(group)
+            self.key_bias.append(bias)
         self.segment_starts = starts
 
     def capacity(self, layer: int) -> int:
@@ -54,6 +61,18 @@ class KVCache:
         for i in starts:
             self.lengths[i].copy_(lengths)
 
+    def set_key_bias(self, bias: torch.Tensor, layers=None) -> None:
+        """Per-slot additive attention bias [B, T] of the prompt for `layers` (whole segments, as
+        set_lengths); slots from T on (padding, generated tokens) get 0. In place."""
+        layers = list(range(len(self.k))) if layers is None else list(layers)
+        for i in (i for i in layers if i in self.segment_starts):
+            buf = self.key_bias[i]
+            if buf is None:
+                raise ValueError("set_key_bias: this cache was built without key_bias=True")
+            T = bias.shape[1]
+            buf[:, :T].copy_(bias)
+            buf[:, T:].zero_()
+
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         T = k.shape[2]
         if T > self.prompt_capacity[layer]:
@@ -69,7 +88,8 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def decode_masks(self, step: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to `step`.
+        """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to `step`
+        (with key_bias: float, the slot's bias where visible and -inf elsewhere).
         Built from device tensors only (no host sync), once per distinct (lengths, P_l, S_l)."""
         masks, memo = [], {}
         for i, lengths in enumerate(self.lengths):
@@ -79,6 +99,10 @@ class KVCache:
                 slots = torch.arange(self.capacity(i), device=lengths.device)
                 prompt = slots[None, :] < lengths[:, None]
                 decoded = (slots >= p) & (slots <= p + step)
-                memo[key] = (prompt | decoded[None, :])[:, None, None, :]
+                visible = prompt | decoded[None, :]
+                bias = self.key_bias[i]
+                if bias is not None:
+                    visible = bias.masked_fill(~visible, float("-inf"))
+                memo[key] = visible[:, None, None, :]
             masks.append(memo[key])
         return masks

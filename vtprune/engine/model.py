@@ -191,7 +191,8 @@ class Attention(nn.Module):
         Decode (write_slot a 1-element LongTensor): K/V written at that slot, then attention
         over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool).
         `probe(q, k)` sees the rotated queries and keys of a prefill (for attention-score policies);
-        `key_logmask` [B, T] (0 or -inf) hides keys in a prefill (training: masking, not dropping).
+        `key_logmask` [B, T] is added to every query's logits for those keys in a prefill: -inf hides
+        a key (training: masking, not dropping), a finite value biases it (proportional attention).
         `past` (k, v, lengths): a shared prefix's keys/values [B, Hkv, S, Dh], of which row b's first
         lengths[b] are real; x then continues that prefix (engine/shared_prefix.py)."""
         B, T, _ = x.shape
@@ -219,8 +220,9 @@ class Attention(nn.Module):
             else:
                 causal = torch.full((T, T), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
                 mask = causal + key_logmask.to(q.dtype)[:, None, None, :]
-                # a token always sees itself, so no row of the mask is all -inf
-                mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device), 0.0)
+                # a token always sees itself, so no row of the mask is all -inf (a finite bias on
+                # the diagonal, proportional attention's log(size), stays)
+                mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device) & mask.isinf(), 0.0)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         else:
             keys, values = cache.write_decode(self.layer_idx, write_slot, k, v)

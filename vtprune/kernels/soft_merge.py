@@ -6,6 +6,10 @@
                                                                           itself over the centres
     merged[b, m] = sum_n A[b, n, m] x[b, n] / (sum_n A[b, n, m] + 1e-6)   a normalised weighted mean
 
+soft_merge(..., return_sizes=True) also returns sizes[b, m] = sum_n A[b, n, m] ([B, M] fp32, no
+gradient): how many tokens each merged token stands for (proportional attention adds log(size)
+to its attention logits, see PruningPlan). The kernel computes these column sums anyway.
+
 The [B, N, M] matrix A is never written to memory. Forward: pass 1 keeps a running max and
 sum of exponentials over the centres for each token (its log-sum-exp, [B, N]); pass 2
 recomputes A tile by tile and accumulates A^T x and the column sums per block of centres.
@@ -167,14 +171,18 @@ if HAVE_TRITON:
 
 
 # ----------------------------------------------------------------------------- reference
-def soft_merge_reference(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Plain PyTorch (fp32 or wider inside, output in x's dtype); differentiable by autograd."""
+def soft_merge_reference(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0,
+                         return_sizes: bool = False):
+    """Plain PyTorch (fp32 or wider inside, output in x's dtype); differentiable by autograd
+    (the sizes are returned detached, as the kernel's are)."""
     d = keys.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
     s = torch.einsum("bnd,bmd->bnm", keys.to(acc), queries.to(acc)) / (math.sqrt(d) * tau)
     a = s.softmax(dim=-1)
     num = torch.einsum("bnm,bnD->bmD", a, x.to(acc))
-    return (num / (a.sum(dim=1)[..., None] + EPS)).to(x.dtype)
+    col = a.sum(dim=1)
+    out = (num / (col[..., None] + EPS)).to(x.dtype)
+    return (out, col.detach().float()) if return_sizes else out
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -208,10 +216,12 @@ class SoftMergeFunction(torch.autograd.Function):
                                                                       scale, **meta)
         ctx.save_for_backward(x, keys, queries, lse, out, den)
         ctx.scale = scale
-        return out.to(x.dtype)
+        sizes = den.clone()
+        ctx.mark_non_differentiable(sizes)
+        return out.to(x.dtype), sizes
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_sizes):
         x, keys, queries, lse, out, den = ctx.saved_tensors
         B, N, D = x.shape
         M, DK = queries.shape[1], keys.shape[2]
@@ -235,8 +245,9 @@ class SoftMergeFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public op
-def soft_merge(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """See the module docstring."""
+def soft_merge(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0,
+               return_sizes: bool = False):
+    """See the module docstring: merged [B, M, D], or (merged, sizes [B, M]) with return_sizes."""
     for name, t in (("x", x), ("keys", keys), ("queries", queries)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"soft_merge: {name} must be a 3-d tensor, got "
@@ -257,5 +268,6 @@ def soft_merge(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: 
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         if keys.dtype != x.dtype or queries.dtype != x.dtype:
             keys, queries = keys.to(x.dtype), queries.to(x.dtype)
-        return SoftMergeFunction.apply(x, keys, queries, float(tau))
-    return soft_merge_reference(x, keys, queries, float(tau))
+        out, sizes = SoftMergeFunction.apply(x, keys, queries, float(tau))
+        return (out, sizes) if return_sizes else out
+    return soft_merge_reference(x, keys, queries, float(tau), return_sizes)

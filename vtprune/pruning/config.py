@@ -27,6 +27,7 @@ class PruningConfig:
     merger_type: str = "simple"            # or "question_aware"
     merge_ratio: float = 0.5               # fraction of visual tokens kept by the merge
     target_merge_tokens: int = 288         # merged token count (must agree with merge_ratio)
+    proportional_attention: bool = True    # decoder attention adds log(size) to a merged token's logits
     # Layer pruners (inside the decoder)
     pruning_layers: list = field(default_factory=lambda: [10, 20, 31])
     layer_keep_tokens: list = field(default_factory=lambda: [200, 150, 100])  # visual tokens kept at each
@@ -135,6 +136,8 @@ class PruningConfig:
             bad("merger_type", f"must be 'simple' or 'question_aware', got {self.merger_type!r}")
         if not isinstance(self.merge_ratio, (int, float)) or not 0 < self.merge_ratio <= 1:
             bad("merge_ratio", f"must be in (0, 1], got {self.merge_ratio!r}")
+        if not isinstance(self.proportional_attention, bool):
+            bad("proportional_attention", f"must be true or false, got {self.proportional_attention!r}")
         if not isinstance(self.target_merge_tokens, int) or self.target_merge_tokens < 1:
             bad("target_merge_tokens", f"must be a positive integer, got {self.target_merge_tokens!r}")
         layers = self.pruning_layers

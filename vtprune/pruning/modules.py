@@ -4,7 +4,9 @@ TokenMerger (vision-encoder features [B, N, Dv] -> [B, M, Dv]):
   importance = MLP(features [+ cross-attention to the question's token embeddings])   [B, N]
   centres    = gumbel_topk(importance, M)        (noise only while training)
   merged     = soft_merge(features, keys = Wk f, queries = Wq f[centres], tau)
-  The merged tokens come out in the centres' spatial order and then pass the projector.
+  sizes      = how many tokens each merged token stands for (soft_merge's column sums)
+  The merged tokens come out in the centres' spatial order and then pass the projector; with
+  proportional_attention the decoder adds log(size) to every attention logit of a merged token.
 PrunerHead (hidden states entering a pruning layer):
   visual and question states -> d_internal, multi-head cross-attention (query = visual,
   key/value = question), MLP -> keep logits [B, Nv].
@@ -76,19 +78,22 @@ class TokenMerger(nn.Module):
         return F.normalize(v, dim=-1) * v.shape[-1] ** 0.25
 
     def forward(self, feats, tau: float, question=None, question_valid=None, noise=False, seed=None):
-        """-> merged [B, M, Dv], centre indices [B, M] (ascending), importance logits [B, N]."""
+        """-> merged [B, M, Dv], centre indices [B, M] (ascending), importance logits [B, N],
+        sizes [B, M] (fp32, no gradient: tokens each merged token stands for, summing to N)."""
         B, N, _ = feats.shape
         logits = self.scores(feats, question, question_valid)
         if self.target >= N:  # merging N tokens into N centres is keeping them
-            return feats, torch.arange(N, device=feats.device).expand(B, N), logits
+            ones = torch.ones(B, N, device=feats.device)
+            return feats, torch.arange(N, device=feats.device).expand(B, N), logits, ones
         centres, mask, _ = gumbel_topk(logits, self.target, tau=tau, noise=noise, seed=seed, validate=False)
         picked = feats.gather(1, centres[..., None].expand(-1, -1, feats.shape[-1]))
-        merged = soft_merge(feats, self._unit(self.key_proj(feats)), self._unit(self.query_proj(picked)), tau=tau)
+        merged, sizes = soft_merge(feats, self._unit(self.key_proj(feats)), self._unit(self.query_proj(picked)),
+                                   tau=tau, return_sizes=True)
         if torch.is_grad_enabled() and logits.requires_grad:
             # Training: the straight-through mask is exactly 1 at every centre, so this changes no
             # value, but its gradient reaches the importance logits (the choice of centres).
             merged = merged * mask.gather(1, centres)[..., None].to(merged.dtype)
-        return merged, centres, logits
+        return merged, centres, logits, sizes
 
 
 class PrunerHead(nn.Module):

@@ -136,6 +136,26 @@ class PruningPlan:
             return positions.contiguous()
         return original_positions(input_ids, self.mcfg.image_token_index, sources, self.mcfg.num_visual_tokens)
 
+    @property
+    def uses_key_bias(self) -> bool:
+        """Proportional attention (ToMe, Bolya et al. 2023): every attention logit of a merged
+        token gets + log(size), size = how many tokens it stands for, so that a token merged from
+        s similar ones draws the attention those s did. The decoder was trained on full runs; on
+        the SynthVQA model a 576 -> 200 merge without it wrote objects twice in captions (BLEU
+        57.5 on 40 captions, unpruned 77.8; with it 71.5; QA accuracy 96% either way; dev box,
+        2026-11-27)."""
+        return (self.cfg.policy == "two_stage" and self.cfg.proportional_attention
+                and self.visual_in_sequence < self.mcfg.num_visual_tokens)
+
+    def key_bias(self, input_ids: torch.Tensor, sizes: torch.Tensor | None, dtype) -> torch.Tensor | None:
+        """[B, T] additive attention bias of a prompt batch: log(size) at the image slots, 0 at
+        text; None when this plan does not use proportional attention."""
+        if sizes is None or not self.uses_key_bias:
+            return None
+        bias = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        bias[input_ids == self.mcfg.image_token_index] = sizes.float().clamp(min=1e-6).log().flatten()
+        return bias.to(dtype)
+
     # ------------------------------------------------------------------ stage 0
     def visual_features(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False) -> torch.Tensor:
         """Projected visual tokens [B, visual_in_sequence, D] for the prompt's image slots."""
@@ -143,13 +163,14 @@ class PruningPlan:
 
     def visual_features_and_sources(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False):
         """(projected visual tokens [B, visual_in_sequence, D], the full-run index each one stands
-        for [B, visual_in_sequence] (two-stage merge centres) or None)."""
+        for [B, visual_in_sequence] (two-stage merge centres) or None, the number of tokens each
+        one stands for [B, visual_in_sequence] (two-stage merges) or None)."""
         c = self.cfg
         if c.policy == "visionzip":
             cls_attn = {}
             feats = vision_features(model, batch, probe=lambda q, k: cls_attn.update(a=_cls_attention(q, k)))
             a = cls_attn["a"] if batch.image_index is None else cls_attn["a"][batch.image_index]
-            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg)), None
+            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg)), None, None
         feats = vision_features(model, batch)
         if c.policy == "random":
             # one random subset (seed 0) for every image: reproducible, and a row's result does
@@ -158,14 +179,14 @@ class PruningPlan:
             scores = torch.rand(feats.shape[1], generator=g, device=feats.device).expand(feats.shape[:2])
             idx = scores.topk(self.visual_in_sequence, dim=-1).indices.sort(-1).values
             feats = feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))
-        sources = None
+        sources = sizes = None
         if c.policy == "two_stage":
             question, valid = None, None
             if c.merger_type == "question_aware":
                 qmask = _question_mask(batch.input_ids, self.mcfg.image_token_index, batch.lengths)
                 question, valid = _pack(model.decoder.embed_tokens(batch.input_ids), qmask)
-            feats, sources, _ = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
-        return model.projector(feats), sources
+            feats, sources, _, sizes = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
+        return model.projector(feats), sources, sizes
 
     # ------------------------------------------------------------------ the pruned prefill
     def prefill(self, model: LlavaModel, batch: PreparedBatch, cache, share_prefix: bool = True):
@@ -173,17 +194,20 @@ class PruningPlan:
         Returns (last-token logits [B, V], PrefillTrace)."""
         from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
 
-        feats, sources = self.visual_features_and_sources(model, batch)
+        feats, sources, sizes = self.visual_features_and_sources(model, batch)
         x = model.embed(batch.input_ids, feats)
         B, T = batch.input_ids.shape
         dev = x.device
         lengths = batch.lengths
         positions = self.positions(batch.input_ids, sources)
+        bias = self.key_bias(batch.input_ids, sizes, x.dtype)  # proportional attention, or None
         index = torch.arange(T, device=dev).expand(B, T).contiguous()  # what PrefillTrace.kept reports
         is_visual = (batch.input_ids == self.mcfg.image_token_index).long()
         is_question = _question_mask(batch.input_ids, self.mcfg.image_token_index, lengths).long()
         if cache is not None:
             cache.set_lengths(lengths)
+            if bias is not None:
+                cache.set_key_bias(bias)
         L = self.mcfg.text.num_layers
         points = {p.layer: p for p in self.drop_points}
         probes = self._probes(points, lengths)
@@ -203,7 +227,8 @@ class PruningPlan:
                 start = stop
         for layer in sorted(points) + [L]:
             if start < layer:
-                x = model.decoder(x, positions, cache, layers=range(start, layer), probes=probes.hooks)
+                x = model.decoder(x, positions, cache, layers=range(start, layer), probes=probes.hooks,
+                                  key_logmasks=None if bias is None else dict.fromkeys(range(start, layer), bias))
             trace.visual += [vis_count] * max(0, layer - start)
             trace.total += [lengths] * max(0, layer - start)
             start = max(start, layer)
@@ -216,11 +241,15 @@ class PruningPlan:
             index = gather_tokens(index, idx, new_len, validate=False)
             is_visual = gather_tokens(is_visual, idx, new_len, validate=False)
             is_question = gather_tokens(is_question, idx, new_len, validate=False)
+            if bias is not None:
+                bias = gather_tokens(bias, idx, new_len, validate=False)
             lengths, vis_count = new_len, is_visual.sum(1)
             probes.lengths = lengths
             trace.kept[layer] = (index, lengths)
             if cache is not None:
                 cache.set_lengths(lengths, layers=range(layer, L))
+                if bias is not None:
+                    cache.set_key_bias(bias, layers=range(layer, L))
         last = x[torch.arange(B, device=dev), lengths - 1]
         return model.decoder.logits(last), trace
 
@@ -277,11 +306,12 @@ def masked_prefill(model: LlavaModel, plan: PruningPlan, batch: PreparedBatch, k
     keys of tokens dropped there (and earlier) are masked out (additive -inf). `kept` is
     PrefillTrace.kept (or the same structure from hard masks). With the same decisions this
     gives the dropping prefill's last-token logits (tests/test_pruning.py checks it)."""
-    feats, sources = plan.visual_features_and_sources(model, batch)
+    feats, sources, sizes = plan.visual_features_and_sources(model, batch)
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
     positions = plan.positions(batch.input_ids, sources)
-    logmask = torch.zeros(B, T, device=x.device)
+    bias = plan.key_bias(batch.input_ids, sizes, torch.float32)
+    logmask = torch.zeros(B, T, device=x.device) if bias is None else bias
     key_logmasks = {}
     for layer in range(model.cfg.text.num_layers):
         if layer in kept:

@@ -7,7 +7,8 @@ straight-through mask weights the merged tokens (TokenMerger.forward); at each p
 PrunerHead's keep logits go through gumbel_topk (the kernels' autograd wrapper), the kept set is
 the product of every mask so far, and from that layer on its log (0 or -inf) is added to the
 attention scores of every query for those keys (an additive log-mask on keys: the decoder's
-`key_logmask`). With the same decisions this is exactly the dropping prefill of inference
+`key_logmask`; with proportional attention log(size) of each merged token is added there too).
+With the same decisions this is exactly the dropping prefill of inference
 (`masked_prefill` is tested equal to it), and gradients reach every head through the mask.
 
 Text tokens (question and answer) are the same in both sequences: the task loss compares the
@@ -164,7 +165,7 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     prompt_q = _question_mask(seq.input_ids, image_token, seq.prompt_lengths)
     if cfg.merger_type == "question_aware":
         question, qvalid = _pack(model.decoder.embed_tokens(seq.input_ids), prompt_q)
-    merged, centres, merge_logits = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
+    merged, centres, merge_logits, sizes = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
     x = model.embed(seq.input_ids, model.projector(merged))
     dev = x.device
     # the merged tokens at their centres' original positions, as inference places them
@@ -177,7 +178,11 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     text = _text_mask(seq, image_token)
 
     alive = torch.ones(B, M, device=dev)
-    logmask = None
+    # proportional attention (PruningPlan.uses_key_bias): + log(size) on each merged token's keys
+    size_bias = None
+    if cfg.proportional_attention and M < vision_feats.shape[1]:
+        size_bias = sizes.clamp(min=1e-6).log().to(x.dtype)
+    logmask = None if size_bias is None else torch.zeros(B, T, device=dev, dtype=x.dtype).scatter(1, vis_pos, size_bias)
     head_logits, candidates, kept, feats = {}, {}, {}, []
     keeps = dict(zip(cfg.pruning_layers, cfg.layer_keep_tokens))
     for i, layer in enumerate(model.decoder.layers):
@@ -193,6 +198,8 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
             alive = alive * mask.float()
             kept[i] = (alive > 0.5).sum(1)
             vis_lm = _LogMask.apply(alive)
+            if size_bias is not None:
+                vis_lm = vis_lm + size_bias
             logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
         args = (x, cos, sin, None, None, None, None, logmask)
         x = checkpoint(layer, *args, use_reentrant=False) if gradient_checkpointing else layer(*args)
