@@ -325,12 +325,14 @@ def test_proportional_attention_counts_a_merged_token_as_its_size(small_engine):
 
 
 @pytest.mark.parametrize("proportional", [True, False])
-def test_decoding_through_the_cache_matches_the_masked_forward(small_dir, proportional):
+def test_decoding_through_the_cache_matches_the_masked_forward(small_dir, proportional, monkeypatch):
     """Token log-probs of a continuation read through the KV cache (pruned, compacted, with the
     merged tokens' log(size) biases in the decode masks) equal a full recompute of prompt +
     continuation with the same decisions (masked_prefill), one row at a time."""
     from vtprune.engine.generate import PreparedBatch
 
+    # exact cache capacities (no rounding up), so that each segment of layers holds fewer slots
+    monkeypatch.setattr("vtprune.engine.engine._SLOT_ROUND", 1)
     engine = engine_with(small_dir, **dict(SMALL, merger_type="simple", proportional_attention=proportional))
     assert engine.plan.uses_key_bias == proportional
     plan, model = engine.plan, engine.model

@@ -62,8 +62,8 @@ class KVCache:
             self.lengths[i].copy_(lengths)
 
     def set_key_bias(self, bias: torch.Tensor, layers=None) -> None:
-        """Per-slot additive attention bias [B, T] of the prompt for `layers` (whole segments, as
-        set_lengths); slots from T on (padding, generated tokens) get 0. In place."""
+        """Per-slot additive attention bias [B, T] of the prompt for the segments that start at one
+        of `layers` (default all); slots from T on (padding, generated tokens) get 0. In place."""
         layers = list(range(len(self.k))) if layers is None else list(layers)
         for i in (i for i in layers if i in self.segment_starts):
             buf = self.key_bias[i]

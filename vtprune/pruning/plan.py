@@ -207,7 +207,7 @@ class PruningPlan:
         if cache is not None:
             cache.set_lengths(lengths)
             if bias is not None:
-                cache.set_key_bias(bias)
+                cache.set_key_bias(bias, layers=[0])  # the first segment; later ones at their drops
         L = self.mcfg.text.num_layers
         points = {p.layer: p for p in self.drop_points}
         probes = self._probes(points, lengths)
@@ -249,7 +249,7 @@ class PruningPlan:
             if cache is not None:
                 cache.set_lengths(lengths, layers=range(layer, L))
                 if bias is not None:
-                    cache.set_key_bias(bias, layers=range(layer, L))
+                    cache.set_key_bias(bias, layers=[layer])
         last = x[torch.arange(B, device=dev), lengths - 1]
         return model.decoder.logits(last), trace
 
