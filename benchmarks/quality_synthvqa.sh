@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The exact pipeline behind the embedded SynthVQA model and benchmarks/results/synthvqa_quality_*:
-# data -> base model (from scratch) -> two-stage heads (vtprune train, two budgets) -> evaluation
-# of every policy at equal budgets. CPU: about 2 h on 2 cores (most of it the base model).
+# data -> base model (from scratch) -> two-stage heads (`vtprune train`'s Trainer in chunks, the
+# chunk best on the validation split kept: vtprune/quality/select_heads.py; two budgets) ->
+# evaluation of every policy at equal budgets. CPU: about 2 h 30 min on 2 cores.
 #   bash benchmarks/quality_synthvqa.sh [DATA_DIR] [RUNS_DIR]
 set -euo pipefail
 DATA=${1:-data/synthvqa}
 RUNS=${2:-runs}
 MODEL=vtprune/assets/synthvqa-llava
-STEPS_HEADS=${STEPS_HEADS:-300}
+STEPS_HEADS=${STEPS_HEADS:-900}
 
-python -m vtprune.quality.synthvqa --out "$DATA" --train 2000 --val 0 --test 500
+python -m vtprune.quality.synthvqa --out "$DATA" --train 2000 --val 120 --test 500
 # base model: stage A + the first half of stage B (4 left/right pairs per image, background
 # curriculum), then a continuation with 8 left/right pairs per image and every token visible
 # (left/right lagged: 35% after the first part while shape was at 100%)
@@ -21,10 +22,11 @@ mkdir -p "$MODEL"
 cp "$RUNS"/base_2/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,training.json} "$MODEL/"
 for budget in 189 64; do
   rm -rf "$RUNS/synthvqa_$budget"
-  vtprune train --model "$MODEL" --config configs/synthvqa_two_stage_$budget.yaml --data "$DATA/train.jsonl" \
-      --out "$RUNS/synthvqa_$budget" --steps "$STEPS_HEADS" --batch-size 8 --save-every 100 --no-progress
-  cp "$RUNS/synthvqa_$budget/pruning.safetensors" "$MODEL/pruning_$budget.safetensors"
-  sed "s#^weights: .*#weights: pruning_$budget.safetensors#" "$RUNS/synthvqa_$budget/pruning.yaml" > "$MODEL/pruning_$budget.yaml"
+  python -m vtprune.quality.select_heads --model "$MODEL" --config configs/synthvqa_two_stage_$budget.yaml \
+      --data "$DATA/train.jsonl" --val "$DATA/val.jsonl" --out "$RUNS/synthvqa_$budget" --steps "$STEPS_HEADS" \
+      --every 150 --batch-size 8 --no-progress
+  cp "$RUNS/synthvqa_$budget/best/pruning.safetensors" "$MODEL/pruning_$budget.safetensors"
+  sed "s#^weights: .*#weights: pruning_$budget.safetensors#" "$RUNS/synthvqa_$budget/best/pruning.yaml" > "$MODEL/pruning_$budget.yaml"
 done
 out=benchmarks/results/synthvqa_quality_$(python -c "import platform; print(platform.machine())")_$(date +%F)
 vtprune eval --model "$MODEL" --data "$DATA/test.jsonl" --compare --pruning "$MODEL/pruning_189.yaml" \

@@ -259,3 +259,33 @@ def test_base_training_targets_and_conversations():
     shown = mask[0, 0, last][vis].view(GRID, GRID)  # what the last answer token sees
     assert bool(shown[y[0] > 0].all()) and 0.1 < float(shown.float().mean()) < 0.5
     assert bool(ex.batch(4, 2, 1)[2][0, 0, last][vis].all())
+
+
+def test_select_heads_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
+    """Chunked head training: one validation row per chunk, and best/ holds the weights of the
+    best-scoring chunk (re-evaluated here to the same numbers)."""
+    import yaml
+    from test_training import _write_run
+
+    from vtprune import LlavaEngine
+    from vtprune.quality.evaluate import evaluate, load_records
+    from vtprune.quality.select_heads import main
+
+    cfg, data = _write_run(tmp_path, lr=1e-2, temperature=0.1)
+    with open(data, "a") as f:  # a caption-type record, so that BLEU is scored too
+        f.write(json.dumps({"image": "img0.png", "question": "Describe the image.", "answer": "a red box",
+                            "type": "caption"}) + "\n")
+    out = tmp_path / "sel"
+    assert main(["--model", small_dir, "--config", cfg, "--data", data, "--val", data, "--out", str(out),
+                 "--steps", "3", "--every", "1", "--batch-size", "2", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in open(out / "selection.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    best = max(rows, key=lambda r: r["score"])
+    header = open(out / "best" / "pruning.yaml").readline()
+    assert f"step {best['step']} " in header
+    engine = LlavaEngine.from_pretrained(small_dir, pruning=str(out / "best" / "pruning.yaml"))
+    again = evaluate(engine, load_records(data), progress=False)
+    assert again.accuracy == best["accuracy"] and again.bleu == pytest.approx(best["bleu"])
+    assert yaml.safe_load(open(out / "best" / "pruning.yaml"))["weights"] == "pruning.safetensors"
+    assert main(["--model", small_dir, "--config", cfg, "--data", data, "--val", data, "--out",
+                 str(tmp_path / "bad"), "--steps", "1", "--every", "2"]) == 2
