@@ -192,7 +192,8 @@ class Attention(nn.Module):
         over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool).
         `probe(q, k)` sees the rotated queries and keys of a prefill (for attention-score policies);
         `key_logmask` [B, T] is added to every query's logits for those keys in a prefill: -inf hides
-        a key (training: masking, not dropping), a finite value biases it (proportional attention).
+        a key (training: masking, not dropping), a finite value biases it (proportional attention);
+        or the [B, 1, T, T] mask prefill_key_mask made of it.
         `past` (k, v, lengths): a shared prefix's keys/values [B, Hkv, S, Dh], of which row b's first
         lengths[b] are real; x then continues that prefix (engine/shared_prefix.py)."""
         B, T, _ = x.shape
@@ -218,16 +219,22 @@ class Attention(nn.Module):
                 # Right-padded rows need no mask: a real token's causal window holds only real tokens.
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
             else:
-                causal = torch.full((T, T), float("-inf"), device=x.device, dtype=q.dtype).triu(1)
-                mask = causal + key_logmask.to(q.dtype)[:, None, None, :]
-                # a token always sees itself, so no row of the mask is all -inf (a finite bias on
-                # the diagonal, proportional attention's log(size), stays)
-                mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device) & mask.isinf(), 0.0)
+                mask = (key_logmask.to(q.dtype) if key_logmask.dim() == 4 else prefill_key_mask(key_logmask, q.dtype))
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         else:
             keys, values = cache.write_decode(self.layer_idx, write_slot, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, **gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def prefill_key_mask(key_logmask: torch.Tensor, dtype) -> torch.Tensor:
+    """[B, T] additive key bias -> the [B, 1, T, T] causal attention mask of a prefill with it."""
+    T = key_logmask.shape[1]
+    causal = torch.full((T, T), float("-inf"), device=key_logmask.device, dtype=dtype).triu(1)
+    mask = causal + key_logmask.to(dtype)[:, None, None, :]
+    # a token always sees itself, so no row of the mask is all -inf (a finite bias on the
+    # diagonal, proportional attention's log(size), stays)
+    return mask.masked_fill(torch.eye(T, dtype=torch.bool, device=mask.device) & mask.isinf(), 0.0)
 
 
 class MLP(nn.Module):
@@ -274,10 +281,15 @@ class Decoder(nn.Module):
         """Runs `layers` (default all; a range lets the pruned prefill stop between layers).
         probes / key_logmasks: optional {layer index: ...} passed to that layer's attention."""
         cos, sin = self.rotary(positions, x.dtype)
+        masks = {}  # layers given the same key_logmask tensor share one [B, 1, T, T] mask
         for i in range(len(self.layers)) if layers is None else layers:
+            km = None if key_logmasks is None else key_logmasks.get(i)
+            if km is not None and km.dim() == 2 and write_slot is None:
+                if id(km) not in masks:
+                    masks[id(km)] = prefill_key_mask(km, x.dtype)
+                km = masks[id(km)]
             x = self.layers[i](x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i],
-                               None if probes is None else probes.get(i),
-                               None if key_logmasks is None else key_logmasks.get(i),
+                               None if probes is None else probes.get(i), km,
                                None if pasts is None else pasts[i])
         return x
 

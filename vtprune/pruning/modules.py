@@ -96,6 +96,11 @@ class TokenMerger(nn.Module):
         return merged, centres, logits, sizes
 
 
+def size_bias(sizes: torch.Tensor) -> torch.Tensor:
+    """Proportional attention's additive logit bias log(size) for merged tokens' sizes [B, M]."""
+    return sizes.float().clamp(min=1e-6).log()
+
+
 class PrunerHead(nn.Module):
     def __init__(self, cfg: PruningConfig, hidden: int):
         super().__init__()

@@ -33,7 +33,7 @@ from ..engine.model import LlavaModel
 from ..errors import VtpruneError
 from ..kernels import gather_tokens, gumbel_topk
 from .config import PruningConfig
-from .modules import PruningModules
+from .modules import PruningModules, size_bias
 
 
 @dataclass
@@ -153,7 +153,7 @@ class PruningPlan:
         if sizes is None or not self.uses_key_bias:
             return None
         bias = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        bias[input_ids == self.mcfg.image_token_index] = sizes.float().clamp(min=1e-6).log().flatten()
+        bias[input_ids == self.mcfg.image_token_index] = size_bias(sizes).flatten()
         return bias.to(dtype)
 
     # ------------------------------------------------------------------ stage 0

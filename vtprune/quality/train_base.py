@@ -233,9 +233,9 @@ class Examples:
 
     def batch(self, seed: int, start: int, n: int, background_keep: float = 1.0):
         """Images start..start+n-1 of `seed` -> (pixels, ids [n, T], attention mask [n, 1, T, T]
-        bool, position ids [n, T], labels [n, T], patch labels [n, 3, 24, 24]). background_keep < 1: each background visual
-        token is hidden from every query with probability 1 - background_keep (object tokens and
-        their one-patch margin always stay)."""
+        bool, position ids [n, T], labels [n, T], patch labels [n, 3, 24, 24]).
+        background_keep < 1: each background visual token is hidden from every query with
+        probability 1 - background_keep (object tokens and their one-patch margin always stay)."""
         rng = random.Random(seed * 7 + start)
         g = torch.Generator().manual_seed(seed * 7 + start)
         ims, rows, dense = [], [], []
@@ -392,31 +392,33 @@ def main(argv=None) -> int:
     t = time.time()
     from safetensors.torch import load_file, save_file
 
+    def prefixed(prefix: str, module) -> dict:
+        return {prefix + k: v.contiguous() for k, v in module.state_dict().items()}
+
+    def load_prefixed(module, prefix: str, state: dict) -> None:
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
     vision = model.model.vision_tower
     head = dense_head(vision.config.hidden_size)
     if a.init_from:
         heads = [os.path.join(a.init_from, f) for f in ("dense_head.safetensors", "stage_a.safetensors")]
-        state = load_file(next(f for f in heads if os.path.exists(f)))
-        head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        load_prefixed(head, "head.", load_file(next(f for f in heads if os.path.exists(f))))
     else:
         init_vision_positions(vision)
     if a.vision_from:
         state = load_file(a.vision_from)
-        vision.load_state_dict({k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")})
-        head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        load_prefixed(vision, "vision.", state)
+        load_prefixed(head, "head.", state)
     if a.steps_a:
         head = stage_a(model, a.steps_a, a.batch_a, sv.SPLIT_SEEDS["train"], log, head)
-        save_file({**{"vision." + k: v.contiguous() for k, v in vision.state_dict().items()},
-                   **{"head." + k: v.contiguous() for k, v in head.state_dict().items()}},
-                  os.path.join(a.out, "stage_a.safetensors"))
+        save_file({**prefixed("vision.", vision), **prefixed("head.", head)}, os.path.join(a.out, "stage_a.safetensors"))
     meta = {"command": "python -m vtprune.quality.train_base " + " ".join(argv or []), "args": vars(a),
             "torch": torch.__version__}
 
     def checkpoint(step: int) -> None:
         model.eval()
         save(model, tok, a.out, {**meta, "stage_b_steps_done": step, "seconds": round(time.time() - t, 1)})
-        save_file({"head." + k: v.contiguous() for k, v in head.state_dict().items()},
-                  os.path.join(a.out, "dense_head.safetensors"))
+        save_file(prefixed("head.", head), os.path.join(a.out, "dense_head.safetensors"))
         model.train()
 
     stage_b(model, head, Examples(tok, model.config.image_token_index, left_right_pairs=a.left_right_pairs),

@@ -26,7 +26,7 @@ from ..engine.inputs import PromptEncoder, format_prompt, load_image
 from ..engine.model import LlavaModel
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
-from ..pruning.modules import PruningModules
+from ..pruning.modules import PruningModules, size_bias
 from ..pruning.plan import _pack, _question_mask, original_positions
 
 
@@ -179,10 +179,8 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
 
     alive = torch.ones(B, M, device=dev)
     # proportional attention (PruningPlan.uses_key_bias): + log(size) on each merged token's keys
-    size_bias = None
-    if cfg.proportional_attention and M < vision_feats.shape[1]:
-        size_bias = sizes.clamp(min=1e-6).log().to(x.dtype)
-    logmask = None if size_bias is None else torch.zeros(B, T, device=dev, dtype=x.dtype).scatter(1, vis_pos, size_bias)
+    bias = size_bias(sizes).to(x.dtype) if cfg.proportional_attention and M < vision_feats.shape[1] else None
+    logmask = None if bias is None else torch.zeros(B, T, device=dev, dtype=x.dtype).scatter(1, vis_pos, bias)
     head_logits, candidates, kept, feats = {}, {}, {}, []
     keeps = dict(zip(cfg.pruning_layers, cfg.layer_keep_tokens))
     for i, layer in enumerate(model.decoder.layers):
@@ -198,8 +196,8 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
             alive = alive * mask.float()
             kept[i] = (alive > 0.5).sum(1)
             vis_lm = _LogMask.apply(alive)
-            if size_bias is not None:
-                vis_lm = vis_lm + size_bias
+            if bias is not None:
+                vis_lm = vis_lm + bias
             logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
         args = (x, cos, sin, None, None, None, None, logmask)
         x = checkpoint(layer, *args, use_reentrant=False) if gradient_checkpointing else layer(*args)
