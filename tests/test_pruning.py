@@ -212,6 +212,10 @@ def test_default_yaml_loads_and_checks_against_the_7b_shape():
     (dict(policy="magic"), "'policy' must be one of"),
     (dict(optimizers={"token_merger": {"lr": -1}}), r"'optimizers.token_merger.lr' must be a number > 0"),
     (dict(temperature_min=2.0), "'temperature_min' must be in"),
+    (dict(merge_locality=-1.0), "'merge_locality' must be a number >= 0"),
+    (dict(merge_locality=True), "'merge_locality' must be a number >= 0"),
+    (dict(mask_gradient="both"), "'mask_gradient' must be 'logit' or 'value'"),
+    (dict(task_loss_average="sentence"), "'task_loss_average' must be 'token' or 'example'"),
 ])
 def test_bad_configs_name_the_key(cfg, match):
     with pytest.raises(VtpruneError, match=match):
@@ -300,6 +304,42 @@ def test_fresh_merger_clusters_by_similarity():
         # sizes: how many tokens each merged token stands for (proportional attention's log(size))
         torch.testing.assert_close(sizes[b], torch.bincount(cluster, minlength=centres.shape[1]).float(),
                                    atol=1e-3, rtol=0)
+
+
+def test_merge_locality_adds_the_squared_grid_distance():
+    """merge_locality: a token's merge score for a centre is (cos - lam |p_n - p_c|^2) / tau, p on
+    the 6 x 6 patch grid in units of its side; with a huge lam every token joins its nearest centre."""
+    import torch.nn.functional as F
+
+    from vtprune.pruning.modules import TokenMerger
+
+    torch.manual_seed(1)
+    feats = torch.randn(2, 36, 24)
+    idx = torch.arange(36)
+    grid = torch.stack([idx // 6, idx % 6], -1).float() / 6
+    for lam in (3.0, 1e4):
+        merger = TokenMerger(PruningConfig(**dict(SMALL, merger_type="simple", merge_locality=lam)), 24, 16)
+        with torch.no_grad():
+            merged, centres, _, sizes = merger(feats, tau=1e-5)
+            cos = F.cosine_similarity(merger.key_proj(feats)[:, :, None],
+                                      merger.query_proj(feats.gather(1, centres[..., None].expand(-1, -1, 24)))[:, None],
+                                      dim=-1)  # [B, N, M]
+        dist2 = ((grid[:, None] - grid[centres][:, None]) ** 2).sum(-1)  # [B, N, M]
+        cluster = (cos - lam * dist2).argmax(-1)
+        for b in range(2):
+            if lam > 100:  # nearest centre (ties broken by the cosine)
+                torch.testing.assert_close(dist2[b].gather(1, cluster[b, :, None])[:, 0], dist2[b].min(-1).values)
+            for m in range(centres.shape[1]):
+                torch.testing.assert_close(merged[b, m], feats[b, cluster[b] == m].mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(sizes[b], torch.bincount(cluster[b], minlength=centres.shape[1]).float(),
+                                       atol=1e-3, rtol=0)
+    # lam is learned: training gradients reach it through the kernel's key/query gradients
+    merger = TokenMerger(PruningConfig(**dict(SMALL, merger_type="simple", merge_locality=3.0)), 24, 16)
+    merged, *_ = merger(feats, tau=0.5, noise=True, seed=0)
+    merged.square().sum().backward()
+    assert merger.log_locality.grad is not None and merger.log_locality.grad.abs() > 0
+    with pytest.raises(VtpruneError, match="square patch grid, got 35"):
+        merger(feats[:, :35], tau=0.5)
 
 
 def test_proportional_attention_counts_a_merged_token_as_its_size(small_engine):

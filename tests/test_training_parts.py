@@ -50,3 +50,31 @@ def test_no_usable_records_is_an_error(tmp_path):
         TrainingData(str(tmp_path / "t.jsonl"))
     with pytest.raises(VtpruneError, match="training data not found"):
         TrainingData(str(tmp_path / "none.jsonl"))
+
+
+def test_task_losses_average_per_token_or_per_example():
+    """"token": F.cross_entropy / F.kl_div('batchmean') over all answer positions; "example": the
+    mean over rows of each row's own mean, so a short answer weighs as much as a long caption."""
+    import torch
+    import torch.nn.functional as F
+
+    from vtprune.training.losses import answer_weights, task_losses
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0, 0, 0, 0, 0, 2, 3, 3])  # row 1 has no answer position
+    student, teacher = torch.randn(8, 11, generator=g), torch.randn(8, 11, generator=g)
+    targets = torch.randint(0, 11, (8,), generator=g)
+    ce, kl = task_losses(student, teacher, targets, answer_weights(rows, 4, "token"))
+    torch.testing.assert_close(ce, F.cross_entropy(student, targets))
+    torch.testing.assert_close(kl, F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                                            log_target=True, reduction="batchmean"))
+    ce_e, kl_e = task_losses(student, teacher, targets, answer_weights(rows, 4, "example"))
+    per_ce, per_kl = [], []
+    for r in (0, 2, 3):
+        i = rows == r
+        per_ce.append(F.cross_entropy(student[i], targets[i]))
+        per_kl.append(F.kl_div(F.log_softmax(student[i], -1), F.log_softmax(teacher[i], -1), log_target=True,
+                               reduction="batchmean"))
+    torch.testing.assert_close(ce_e, torch.stack(per_ce).mean())
+    torch.testing.assert_close(kl_e, torch.stack(per_kl).mean())
+    assert not torch.allclose(ce_e, ce)

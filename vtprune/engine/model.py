@@ -186,7 +186,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
 
     def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask, probe=None, key_logmask=None,
-                past=None):
+                past=None, value_scale=None):
         """Prefill (write_slot None): causal attention over x, K/V stored in cache slots [0, T).
         Decode (write_slot a 1-element LongTensor): K/V written at that slot, then attention
         over the whole cache buffer under `attn_mask` ([B, 1, 1, S] bool).
@@ -195,11 +195,16 @@ class Attention(nn.Module):
         a key (training: masking, not dropping), a finite value biases it (proportional attention);
         or the [B, 1, T, T] mask prefill_key_mask made of it.
         `past` (k, v, lengths): a shared prefix's keys/values [B, Hkv, S, Dh], of which row b's first
-        lengths[b] are real; x then continues that prefix (engine/shared_prefix.py)."""
+        lengths[b] are real; x then continues that prefix (engine/shared_prefix.py).
+        `value_scale` [B, T] multiplies each token's value vector (training's straight-through keep
+        masks with mask_gradient "value": 1 in the forward, their gradient is the loss's
+        sensitivity to the token's content)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if value_scale is not None:
+            v = v * value_scale[:, None, :, None].to(v.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
         if write_slot is None:
@@ -257,9 +262,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None, probe=None, key_logmask=None, past=None):
+    def forward(self, x, cos, sin, cache, write_slot=None, attn_mask=None, probe=None, key_logmask=None, past=None,
+                value_scale=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write_slot, attn_mask, probe, key_logmask,
-                               past)
+                               past, value_scale)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -182,6 +182,7 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     bias = size_bias(sizes).to(x.dtype) if cfg.proportional_attention and M < vision_feats.shape[1] else None
     logmask = None if bias is None else torch.zeros(B, T, device=dev, dtype=x.dtype).scatter(1, vis_pos, bias)
     head_logits, candidates, kept, feats = {}, {}, {}, []
+    value_scale = None
     keeps = dict(zip(cfg.pruning_layers, cfg.layer_keep_tokens))
     for i, layer in enumerate(model.decoder.layers):
         if i in keeps:
@@ -195,11 +196,16 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
             head_logits[i], candidates[i] = logits, alive_b
             alive = alive * mask.float()
             kept[i] = (alive > 0.5).sum(1)
-            vis_lm = _LogMask.apply(alive)
+            if cfg.mask_gradient == "value":
+                # the keep masks' gradient through the kept tokens' values (PruningConfig says why)
+                vis_lm = _LogMask.apply(alive.detach())
+                value_scale = torch.ones(B, T, device=dev, dtype=alive.dtype).scatter(1, vis_pos, alive)
+            else:
+                vis_lm = _LogMask.apply(alive)
             if bias is not None:
                 vis_lm = vis_lm + bias
             logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
-        args = (x, cos, sin, None, None, None, None, logmask)
+        args = (x, cos, sin, None, None, None, None, logmask, None, value_scale)
         x = checkpoint(layer, *args, use_reentrant=False) if gradient_checkpointing else layer(*args)
         if i in layers:
             feats.append(_pooled(x, text))

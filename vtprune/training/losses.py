@@ -7,7 +7,8 @@ adversarial, two forms:
   non_saturating  D: softplus(-D(real)) + softplus(D(fake));  G: softplus(-D(fake))   (= -log sigmoid)
   hinge           D: relu(1 - D(real)) + relu(1 + D(fake));   G: -D(fake)
 task: cross-entropy of the pruned model on the answer tokens, plus KL(full || pruned) of the
-  next-token distributions at the same positions (the full model is the teacher).
+  next-token distributions at the same positions (the full model is the teacher); averaged per
+  token (config task_loss_average "token") or per example ("example").
 sparsity: for each stage, (mean keep probability sigmoid(logit) over its candidate tokens - the
   configured keep fraction)^2. Top-k selection keeps exactly k anyway; this keeps the logits
   calibrated so that keep_mode "threshold" (sigmoid > keep_threshold) keeps about as many.
@@ -37,17 +38,36 @@ def discriminator_accuracy(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(right / (real.numel() + fake.numel()))
 
 
+def answer_weights(rows: torch.Tensor, batch_size: int, average: str = "token") -> torch.Tensor:
+    """Weights [n] (summing to 1) of the answer positions, `rows` [n] the row of each.
+    "token": every answer token the same. "example": each row's tokens share 1 / rows, so a
+    one-word answer counts as much as a 20-token caption (by token, SynthVQA's captions -- a
+    quarter of the records -- carry about 80% of the loss)."""
+    n = rows.numel()
+    if average == "token" or n == 0:
+        return torch.full((n,), 1.0 / max(n, 1), device=rows.device)
+    counts = torch.bincount(rows, minlength=batch_size).float()
+    present = int((counts > 0).sum())
+    return 1.0 / (counts[rows] * present)
+
+
 def task_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy on `targets`, KL(teacher || student)); logits [n, V] at the same positions.
-    A missing part is a zero tensor."""
+                targets: torch.Tensor | None, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy on `targets`, KL(teacher || student)); logits [n, V] at the same positions,
+    averaged with `weights` [n] (summing to 1; None: uniform). A missing part is a zero tensor."""
     logp = F.log_softmax(student_logits.float(), dim=-1)
     zero = logp.new_zeros(())
-    ce = F.nll_loss(logp, targets) if targets is not None and targets.numel() else zero
+    n = logp.shape[0]
+    if weights is None:
+        weights = logp.new_full((n,), 1.0 / max(n, 1))
+    weights = weights.to(logp.dtype)
+    ce = zero
+    if targets is not None and targets.numel():
+        ce = -(weights * logp.gather(1, targets[:, None])[:, 0]).sum()
     kl = zero
     if teacher_logits is not None and teacher_logits.numel():
         logq = F.log_softmax(teacher_logits.float(), dim=-1)
-        kl = F.kl_div(logp, logq, log_target=True, reduction="batchmean")
+        kl = (weights * (logq.exp() * (logq - logp)).sum(-1)).sum()
     return ce, kl
 
 
