@@ -8,7 +8,6 @@ set -euo pipefail
 DATA=${1:-data/synthvqa}
 RUNS=${2:-runs}
 MODEL=vtprune/assets/synthvqa-llava
-STEPS_HEADS=${STEPS_HEADS:-900}
 
 python -m vtprune.quality.synthvqa --out "$DATA" --train 2000 --val 120 --test 500
 # base model: stage A + the first half of stage B (4 left/right pairs per image, background
@@ -20,14 +19,16 @@ python -m vtprune.quality.train_base --out "$RUNS/base_2" --init-from "$RUNS/bas
     --first-image 6000 --curriculum 0
 mkdir -p "$MODEL"
 cp "$RUNS"/base_2/{config.json,generation_config.json,model.safetensors,processor_config.json,tokenizer.json,tokenizer_config.json,training.json} "$MODEL/"
-for budget in 189 64; do
+# heads: configs/synthvqa_two_stage_201.yaml for 600 steps, _64 for 900 (each val-selected every 150)
+for run in 201:600 64:900; do
+  budget=${run%%:*}; steps=${STEPS_HEADS:-${run##*:}}
   rm -rf "$RUNS/synthvqa_$budget"
   python -m vtprune.quality.select_heads --model "$MODEL" --config configs/synthvqa_two_stage_$budget.yaml \
-      --data "$DATA/train.jsonl" --val "$DATA/val.jsonl" --out "$RUNS/synthvqa_$budget" --steps "$STEPS_HEADS" \
+      --data "$DATA/train.jsonl" --val "$DATA/val.jsonl" --out "$RUNS/synthvqa_$budget" --steps "$steps" \
       --every 150 --batch-size 8 --no-progress
   cp "$RUNS/synthvqa_$budget/best/pruning.safetensors" "$MODEL/pruning_$budget.safetensors"
   sed "s#^weights: .*#weights: pruning_$budget.safetensors#" "$RUNS/synthvqa_$budget/best/pruning.yaml" > "$MODEL/pruning_$budget.yaml"
 done
 out=benchmarks/results/synthvqa_quality_$(python -c "import platform; print(platform.machine())")_$(date +%F)
-vtprune eval --model "$MODEL" --data "$DATA/test.jsonl" --compare --pruning "$MODEL/pruning_189.yaml" \
+vtprune eval --model "$MODEL" --data "$DATA/test.jsonl" --compare --pruning "$MODEL/pruning_201.yaml" \
     --pruning "$MODEL/pruning_64.yaml" --out "$out" --no-progress

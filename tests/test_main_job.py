@@ -16,9 +16,9 @@ def test_main_py_runs_on_the_embedded_default(tmp_path):
     assert r.stdout.count("\nQ: ") == 5 and "576 visual" in r.stdout and "tok/s" in r.stdout
     if has_trained_default():
         # the shipped model answers its own task, with and without its trained pruning heads
-        assert "assets/synthvqa-llava" in r.stdout and "pruning_189.yaml" in r.stdout
+        assert "assets/synthvqa-llava" in r.stdout and "pruning_201.yaml" in r.stdout
         assert r.stdout.count("[right]") >= 6, r.stdout  # of 8 (4 questions x 2 runs)
-        assert "200 visual in" in r.stdout  # the merge's 200 tokens enter the decoder
+        assert "288 visual in" in r.stdout  # the merge's 288 tokens enter the decoder
     else:
         assert os.path.isfile(tmp_path / "tiny-llava-random-v1" / "model.safetensors")
 

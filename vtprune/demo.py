@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 ASSET_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "synthvqa-llava")
-ASSET_PRUNING = os.path.join(ASSET_MODEL, "pruning_189.yaml")
+ASSET_PRUNING = os.path.join(ASSET_MODEL, "pruning_201.yaml")
 DEFAULT_MODEL_NAME = "tiny-llava-random-v1"
 DEMO_QUESTIONS = [
     "What colour is the circle?",
