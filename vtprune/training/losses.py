@@ -42,7 +42,7 @@ def answer_weights(rows: torch.Tensor, batch_size: int, average: str = "token") 
     """Weights [n] (summing to 1) of the answer positions, `rows` [n] the row of each.
     "token": every answer token the same. "example": each row's tokens share 1 / rows, so a
     one-word answer counts as much as a 20-token caption (by token, SynthVQA's captions -- a
-    quarter of the records -- carry about 80% of the loss)."""
+    third of the training records -- carry 81% of the answer tokens)."""
     n = rows.numel()
     if average == "token" or n == 0:
         return torch.full((n,), 1.0 / max(n, 1), device=rows.device)
