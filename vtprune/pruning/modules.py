@@ -85,9 +85,10 @@ class TokenMerger(nn.Module):
         return self.importance(h).squeeze(-1).float()
 
     @staticmethod
-    def _unit(v):
-        """Length d**0.25, so that soft_merge's score q.k / (sqrt(d) tau) is cos(q, k) / tau."""
-        return F.normalize(v, dim=-1) * v.shape[-1] ** 0.25
+    def _unit(v, d: int | None = None):
+        """Length d**0.25 (d: the kernel's key width, default v's), so that soft_merge's score
+        q.k / (sqrt(d) tau) is cos(q, k) / tau."""
+        return F.normalize(v, dim=-1) * (v.shape[-1] if d is None else d) ** 0.25
 
     def keys_queries(self, feats, centres):
         """soft_merge's keys [B, N, d'] and queries [B, M, d'] (d' = d, or d + 3 with locality)."""
@@ -104,13 +105,11 @@ class TokenMerger(nn.Module):
         idx = torch.arange(N, device=feats.device)
         p = torch.stack([idx // side, idx % side], -1).to(keys.dtype) / side  # [N, 2]
         pc = p[centres]                                                       # [B, M, 2]
-        d = keys.shape[-1] + 3
-        s = d ** 0.25  # as _unit: the kernel's q.k / (sqrt(d) tau) is then (cos - lam dist^2) / tau
-        w = s * self.log_locality.exp().sqrt().to(keys.dtype)
+        d = keys.shape[-1] + 3  # the kernel's q.k / (sqrt(d) tau) is then (cos - lam dist^2) / tau
+        w = d ** 0.25 * self.log_locality.exp().sqrt().to(keys.dtype)
         k_pos = torch.cat([2 * p, torch.ones_like(p[:, :1])], -1).expand(B, N, 3) * w
         q_pos = torch.cat([pc, -(pc * pc).sum(-1, keepdim=True)], -1) * w
-        return (torch.cat([F.normalize(keys, dim=-1) * s, k_pos], -1),
-                torch.cat([F.normalize(queries, dim=-1) * s, q_pos], -1))
+        return torch.cat([self._unit(keys, d), k_pos], -1), torch.cat([self._unit(queries, d), q_pos], -1)
 
     def forward(self, feats, tau: float, question=None, question_valid=None, noise=False, seed=None):
         """-> merged [B, M, Dv], centre indices [B, M] (ascending), importance logits [B, N],

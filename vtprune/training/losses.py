@@ -38,17 +38,17 @@ def discriminator_accuracy(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(right / (real.numel() + fake.numel()))
 
 
-def answer_weights(rows: torch.Tensor, batch_size: int, average: str = "token") -> torch.Tensor:
-    """Weights [n] (summing to 1) of the answer positions, `rows` [n] the row of each.
-    "token": every answer token the same. "example": each row's tokens share 1 / rows, so a
-    one-word answer counts as much as a 20-token caption (by token, SynthVQA's captions -- a
-    third of the training records -- carry 81% of the answer tokens)."""
-    n = rows.numel()
-    if average == "token" or n == 0:
-        return torch.full((n,), 1.0 / max(n, 1), device=rows.device)
-    counts = torch.bincount(rows, minlength=batch_size).float()
-    present = int((counts > 0).sum())
-    return 1.0 / (counts[rows] * present)
+def answer_weights(counts: torch.Tensor, average: str = "token") -> torch.Tensor | None:
+    """Weights [n] (summing to 1) of a batch's answer positions, rows concatenated, from
+    `counts` [B] (answer positions per row); None for "token" (task_losses' uniform mean).
+    "example": each row's tokens share 1 / rows, so a one-word answer counts as much as a
+    20-token caption (by token, SynthVQA's captions -- a third of the training records -- carry
+    81% of the answer tokens)."""
+    if average == "token":
+        return None
+    c = counts.float()
+    per_row = torch.where(c > 0, 1.0 / (c.clamp(min=1) * (c > 0).sum()), torch.zeros_like(c))
+    return per_row.repeat_interleave(counts)
 
 
 def task_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,

@@ -33,7 +33,7 @@ from ..pruning.weights import save_pruning_weights
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .data import TrainingData
 from .discriminator import Discriminator
-from .forward import BatchBuilder, answer_positions, feature_layers, student_forward, teacher_forward
+from .forward import BatchBuilder, feature_layers, student_forward, teacher_forward
 from .losses import (ADV_LOSSES, answer_weights, discriminator_accuracy, discriminator_loss, generator_adv_loss,
                      sparsity_loss, task_losses)
 from .schedule import temperature_at
@@ -193,9 +193,8 @@ class Trainer:
                 t_logits, real = teacher_forward(self.model, batch, vis, self.layers)
             out = student_forward(self.model, self.modules, cfg, batch, vis, tau, _seed_for(s.seed, step, self.rank),
                                   self.layers, noise=noise, gradient_checkpointing=s.gradient_checkpointing)
-            rows, _ = answer_positions(batch.pruned)
-            ce, kl = task_losses(out.logits, t_logits, batch.targets,
-                                 answer_weights(rows, B, cfg.task_loss_average))
+            answers = batch.pruned.lengths - batch.pruned.prompt_lengths  # answer positions per row
+            ce, kl = task_losses(out.logits, t_logits, batch.targets, answer_weights(answers, cfg.task_loss_average))
             d_fake = self.discriminator(out.features)
             adv = generator_adv_loss(d_fake, s.adv_loss)
             M = self.builder.pruned.num_visual_tokens
