@@ -214,6 +214,8 @@ def test_default_yaml_loads_and_checks_against_the_7b_shape():
     (dict(temperature_min=2.0), "'temperature_min' must be in"),
     (dict(merge_locality=-1.0), "'merge_locality' must be a number >= 0"),
     (dict(merge_locality=True), "'merge_locality' must be a number >= 0"),
+    (dict(selection_logit_scale=-1.0), "'selection_logit_scale' must be a number >= 0"),
+    (dict(selection_logit_scale=[3]), "'selection_logit_scale' must be a number >= 0"),
     (dict(mask_gradient="both"), "'mask_gradient' must be 'logit' or 'value'"),
     (dict(task_loss_average="sentence"), "'task_loss_average' must be 'token' or 'example'"),
 ])
@@ -340,6 +342,40 @@ def test_merge_locality_adds_the_squared_grid_distance():
     assert merger.log_locality.grad is not None and merger.log_locality.grad.abs() > 0
     with pytest.raises(VtpruneError, match="square patch grid, got 35"):
         merger(feats[:, :35], tau=0.5)
+
+
+def test_standardized_selection_logits():
+    """selection_logit_scale s: logits -> s (x - mean) / std + b per row over the valid entries
+    (others unchanged): the same ranking as the raw logits, a spread that no weight scale changes."""
+    from vtprune.pruning.modules import PrunerHead, TokenMerger, standardize_logits
+
+    torch.manual_seed(2)
+    x = torch.randn(3, 11) * 50 + 7
+    valid = torch.rand(3, 11) > 0.3
+    b = torch.tensor(0.25)
+    out = standardize_logits(x, 3.0, b, valid)
+    for r in range(3):
+        v = x[r, valid[r]]
+        torch.testing.assert_close(out[r, valid[r]], 3.0 * (v - v.mean()) / v.std() + 0.25, atol=1e-4, rtol=1e-4)
+        assert torch.equal(out[r, ~valid[r]], x[r, ~valid[r]])
+        assert torch.equal(out[r, valid[r]].argsort(), v.argsort())
+    torch.testing.assert_close(standardize_logits(x, 2.0, b), 2.0 * (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True) + b)
+
+    cfg = PruningConfig(**dict(SMALL, merger_type="question_aware", selection_logit_scale=3.0))
+    head, merger = PrunerHead(cfg, 16), TokenMerger(cfg, 24, 16)
+    visual, question, qvalid = torch.randn(2, 9, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    feats = torch.randn(2, 36, 24)
+    with torch.no_grad():
+        before = head(visual, question, qvalid), merger.scores(feats, question, qvalid)
+        head.mlp[-1].weight.mul_(1000.0)
+        merger.importance[-1].weight.mul_(1000.0)
+        after = head(visual, question, qvalid), merger.scores(feats, question, qvalid)
+    for a, c in zip(before, after):
+        assert float(a.std(-1).mean()) == pytest.approx(3.0, rel=1e-3)
+        torch.testing.assert_close(a, c, atol=2e-3, rtol=1e-3)  # bias cancels in (x - mean) / std
+    # the offsets are learned (threshold mode's calibration via the sparsity loss)
+    head(visual, question, qvalid).sigmoid().sum().backward()
+    assert head.logit_bias.grad is not None and head.logit_bias.grad.abs() > 0
 
 
 def test_proportional_attention_counts_a_merged_token_as_its_size(small_engine):

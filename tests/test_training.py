@@ -42,15 +42,17 @@ def _trainer(small_dir, tmp_path, steps=4, resume=False, out="run", batch_size=2
     return Trainer(s, resume=resume)
 
 
-@pytest.mark.parametrize("merger_type,mask_gradient", [("simple", "logit"), ("question_aware", "logit"),
-                                                       ("question_aware", "value")])
-def test_training_forward_equals_the_dropping_prefill(small_dir, tmp_path, merger_type, mask_gradient):
+@pytest.mark.parametrize("merger_type,mask_gradient,scale", [("simple", "logit", 0.0), ("question_aware", "logit", 0.0),
+                                                             ("question_aware", "value", 0.0),
+                                                             ("question_aware", "value", 3.0)])
+def test_training_forward_equals_the_dropping_prefill(small_dir, tmp_path, merger_type, mask_gradient, scale):
     """With the decisions inference would take (no noise, tau = temperature_min), the masked
     training forward gives the same next-token logits as the engine's pruned prefill, which
     physically drops the tokens (whichever way the masks' gradient goes: it changes no value)."""
     from vtprune import LlavaEngine, format_prompt
 
-    tr = _trainer(small_dir, tmp_path, merger_type=merger_type, mask_gradient=mask_gradient)
+    tr = _trainer(small_dir, tmp_path, merger_type=merger_type, mask_gradient=mask_gradient,
+                  selection_logit_scale=scale)
     for p in tr.modules.parameters():  # make the heads decisive, so ties cannot flip a choice
         torch.nn.init.normal_(p, std=0.3)
     examples = tr.data.examples[:3]
@@ -74,10 +76,11 @@ def test_training_forward_equals_the_dropping_prefill(small_dir, tmp_path, merge
     torch.testing.assert_close(train_logits, infer, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mask_gradient", ["logit", "value"])
-def test_every_head_and_the_discriminator_receive_gradients(small_dir, tmp_path, mask_gradient):
+@pytest.mark.parametrize("mask_gradient,scale", [("logit", 0.0), ("value", 0.0), ("value", 3.0)])
+def test_every_head_and_the_discriminator_receive_gradients(small_dir, tmp_path, mask_gradient, scale):
     # sparsity off: the gradients must come through the masks (task loss) and the features (adv)
-    tr = _trainer(small_dir, tmp_path, merge_sparsity_weight=0.0, mask_gradient=mask_gradient)
+    tr = _trainer(small_dir, tmp_path, merge_sparsity_weight=0.0, mask_gradient=mask_gradient,
+                  selection_logit_scale=scale)
     terms = tr.losses(0)
     terms["g_loss"].backward()
     merger = tr.modules.merger

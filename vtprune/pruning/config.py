@@ -48,6 +48,9 @@ class PruningConfig:
     # locality on), val accuracy every 150 steps: logit 94.4, 89.7, 89.3, 90.6; value 92.7, 92.3,
     # 94.9, 94.9. On a layers-4/5 schedule they were alike (best 95.3 / 94.9). Dev box, 2026-11-27.
     mask_gradient: str = "logit"
+    # > 0: the merger's and heads' selection logits are standardized per row and multiplied by
+    # this (modules.standardize_logits says why); 0: raw logits, as the first heads were trained
+    selection_logit_scale: float = 0.0
     # Loss weights (training)
     adv_loss_weight: float = 1.0
     task_loss_weight: float = 25.0
@@ -176,6 +179,9 @@ class PruningConfig:
             bad("temperature_min", f"must be in (0, temperature = {self.temperature}], got {self.temperature_min}")
         if not 0 < self.temperature_anneal_rate <= 1:
             bad("temperature_anneal_rate", f"must be in (0, 1], got {self.temperature_anneal_rate}")
+        if isinstance(self.selection_logit_scale, bool) or not isinstance(self.selection_logit_scale, (int, float)) \
+                or not self.selection_logit_scale >= 0:
+            bad("selection_logit_scale", f"must be a number >= 0 (0: off), got {self.selection_logit_scale!r}")
         if self.mask_gradient not in ("logit", "value"):
             bad("mask_gradient", f"must be 'logit' or 'value', got {self.mask_gradient!r}")
         if self.task_loss_average not in ("example", "token"):

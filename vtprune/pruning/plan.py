@@ -262,7 +262,7 @@ class PruningPlan:
             head = self.modules.pruners[str(point.layer)]
             vx, vvalid = _pack(x, vis)
             qx, qvalid = _pack(x, is_question.bool() & valid)
-            logits = head(vx, qx, qvalid).masked_fill(~vvalid, float("-inf"))
+            logits = head(vx, qx, qvalid, vvalid).masked_fill(~vvalid, float("-inf"))
             scores = _unpack(logits, vis, T)
         scores = scores.float().masked_fill(~vis, float("-inf"))
         if point.keep is None:  # threshold: a per-row count; at least one visual token survives

@@ -189,7 +189,7 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
             vis_h = x.gather(1, vis_pos[..., None].expand(-1, -1, x.shape[-1]))
             q_h, q_valid = _pack(x, prompt_q)
             alive_b = alive > 0.5
-            logits = modules.pruners[str(i)](vis_h, q_h, q_valid).masked_fill(~alive_b, float("-inf"))
+            logits = modules.pruners[str(i)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
             k = min(keeps[i], M)
             _, mask, _ = gumbel_topk(logits, k, tau=tau, noise=noise,
                                      seed=None if seed is None else seed + 1 + len(head_logits), validate=False)
