@@ -151,9 +151,10 @@ class PruningConfig:
             bad("merge_ratio", f"must be in (0, 1], got {self.merge_ratio!r}")
         if not isinstance(self.proportional_attention, bool):
             bad("proportional_attention", f"must be true or false, got {self.proportional_attention!r}")
-        if isinstance(self.merge_locality, bool) or not isinstance(self.merge_locality, (int, float)) \
-                or self.merge_locality < 0:
-            bad("merge_locality", f"must be a number >= 0 (0: off), got {self.merge_locality!r}")
+        for key in ("merge_locality", "selection_logit_scale"):  # optional strengths, 0 switches them off
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                bad(key, f"must be a number >= 0 (0: off), got {v!r}")
         if not isinstance(self.target_merge_tokens, int) or self.target_merge_tokens < 1:
             bad("target_merge_tokens", f"must be a positive integer, got {self.target_merge_tokens!r}")
         layers = self.pruning_layers
@@ -179,9 +180,6 @@ class PruningConfig:
             bad("temperature_min", f"must be in (0, temperature = {self.temperature}], got {self.temperature_min}")
         if not 0 < self.temperature_anneal_rate <= 1:
             bad("temperature_anneal_rate", f"must be in (0, 1], got {self.temperature_anneal_rate}")
-        if isinstance(self.selection_logit_scale, bool) or not isinstance(self.selection_logit_scale, (int, float)) \
-                or not self.selection_logit_scale >= 0:
-            bad("selection_logit_scale", f"must be a number >= 0 (0: off), got {self.selection_logit_scale!r}")
         if self.mask_gradient not in ("logit", "value"):
             bad("mask_gradient", f"must be 'logit' or 'value', got {self.mask_gradient!r}")
         if self.task_loss_average not in ("example", "token"):

@@ -77,17 +77,13 @@ class TokenMerger(nn.Module):
         # questions + 101 captions; dev box, 2026-11-27).
         self.log_locality = (nn.Parameter(torch.tensor(math.log(cfg.merge_locality)))
                              if cfg.merge_locality > 0 else None)
-        self.logit_scale = cfg.selection_logit_scale
-        self.logit_bias = nn.Parameter(torch.zeros(())) if self.logit_scale > 0 else None
+        self.logit_scale, self.logit_bias = cfg.selection_logit_scale, selection_bias(cfg)
 
     def scores(self, feats, question=None, question_valid=None):
         h = self.inp(feats)
         if self.question_aware:
             h = h + self.cross(h, self.question_proj(question), question_valid)
-        logits = self.importance(h).squeeze(-1).float()
-        if self.logit_scale > 0:
-            logits = standardize_logits(logits, self.logit_scale, self.logit_bias)
-        return logits
+        return standardize_logits(self.importance(h).squeeze(-1).float(), self.logit_scale, self.logit_bias)
 
     @staticmethod
     def _unit(v, d: int | None = None):
@@ -134,27 +130,31 @@ class TokenMerger(nn.Module):
         return merged, centres, logits, sizes
 
 
-def standardize_logits(logits: torch.Tensor, scale: float, bias: torch.Tensor,
+def selection_bias(cfg: PruningConfig) -> nn.Parameter | None:
+    """standardize_logits' learned offset when cfg.selection_logit_scale > 0, else None (raw logits)."""
+    return nn.Parameter(torch.zeros(())) if cfg.selection_logit_scale > 0 else None
+
+
+def standardize_logits(logits: torch.Tensor, scale: float, bias: torch.Tensor | None,
                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """scale * (logits - row mean) / row std + bias, the statistics over `valid` entries [B, N]
-    (all when None); the other entries come back unchanged. Per row and monotonic, so a top-k
+    (all when None); the other entries come back unchanged; bias None: logits unchanged (the
+    option is off). Per row and monotonic, so a top-k
     selection is the same as on the raw logits: what changes is training. Unbounded, the keep
     logits of the SynthVQA heads grew to spreads of hundreds or thousands within 600 steps (row
     quantiles -4658 ... -758 at layer 2, -371 ... -46 at layer 4) and the merger's to ~50:
     Adam's steps grow the scale because it beats training's Gumbel noise, after which the noise
     explores nothing and soft masks' gradient (sigmoid' at tau 0.1) is zero everywhere but at the
     boundary. Dev box, 2026-11-27."""
+    if bias is None:
+        return logits
     x = logits.float()
     if valid is None:
-        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
-    else:
-        w = valid.to(x.dtype)
-        n = w.sum(-1, keepdim=True).clamp(min=1)
-        xm = torch.where(valid, x, 0.0)
-        mean = xm.sum(-1, keepdim=True) / n
-        std = ((torch.where(valid, x - mean, 0.0) ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
-    out = scale * (x - mean) / (std + 1e-6) + bias
-    return out if valid is None else torch.where(valid, out, x)
+        valid = torch.ones_like(x, dtype=torch.bool)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, x, 0.0).sum(-1, keepdim=True) / n
+    std = ((torch.where(valid, x - mean, 0.0) ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    return torch.where(valid, scale * (x - mean) / (std + 1e-6) + bias, x)
 
 
 def size_bias(sizes: torch.Tensor) -> torch.Tensor:
@@ -171,8 +171,7 @@ class PrunerHead(nn.Module):
         self.question_proj = nn.Linear(hidden, d)
         self.cross = CrossAttention(d, cfg.pruner_num_heads)
         self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
-        self.logit_scale = cfg.selection_logit_scale
-        self.logit_bias = nn.Parameter(torch.zeros(())) if self.logit_scale > 0 else None
+        self.logit_scale, self.logit_bias = cfg.selection_logit_scale, selection_bias(cfg)
 
     def forward(self, visual, question, question_valid, visual_valid=None):
         """visual [B, Nv, H], question [B, Nq, H], question_valid [B, Nq] -> keep logits [B, Nv]
@@ -182,9 +181,7 @@ class PrunerHead(nn.Module):
         q = self.question_proj(self.norm(question))
         att = self.cross(v, q, question_valid)
         logits = self.mlp(torch.cat([v, att], dim=-1)).squeeze(-1).float()
-        if self.logit_scale > 0:
-            logits = standardize_logits(logits, self.logit_scale, self.logit_bias, visual_valid)
-        return logits
+        return standardize_logits(logits, self.logit_scale, self.logit_bias, visual_valid)
 
 
 class PruningModules(nn.Module):
