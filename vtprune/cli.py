@@ -277,6 +277,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vtprune: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file-system problem the checks at the boundary did not foresee
+        from .files import os_error_reason
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vtprune: error: {where}{os_error_reason(e)}", file=sys.stderr)
+        return 2
     except Exception as e:  # out of memory is the user's sizing problem, not a bug
         if type(e).__name__ == "OutOfMemoryError":
             print(f"vtprune: error: out of GPU memory ({str(e).splitlines()[0]}); "
