@@ -10,6 +10,7 @@ import os
 from typing import Sequence
 
 from ..errors import VtpruneError
+from ..files import check_file, fs_error
 
 IMAGE_TOKEN = "<image>"
 
@@ -19,27 +20,58 @@ def format_prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
+# Decoding more pixels than this is refused before any pixel is decoded (the size comes from the
+# file's header): PIL's own warning threshold (Image.MAX_IMAGE_PIXELS, 89,478,485 = 0.25 GiB of
+# 24-bit pixels). Decoding and preprocessing an image of this size peaks at about 1.5 GB.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def _check_size(size, index: int, where: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise VtpruneError(f"image {index}: {where}has no pixels ({w}x{h})")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise VtpruneError(f"image {index}: {where}is {w}x{h} = {w * h} pixels, more than the limit of "
+                           f"{MAX_IMAGE_PIXELS} (refused as a possible decompression bomb)")
+
+
 def load_image(image, index: int = 0):
     """A PIL image (RGB) from a PIL image or a file path, or a VtpruneError naming the problem."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
+        _check_size(image.size, index, "")
         return image.convert("RGB") if image.mode != "RGB" else image
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.exists(path):
-            raise VtpruneError(f"image {index}: file not found: {path}")
-        if os.path.isdir(path):
-            raise VtpruneError(f"image {index}: {path} is a directory, not an image file")
-        try:
+    if not isinstance(image, (str, os.PathLike)):
+        raise VtpruneError(f"image {index}: expected a PIL image or a file path, got {type(image).__name__}")
+    path = os.fspath(image)
+    if isinstance(path, str) and path and "\x00" not in path and not os.path.lexists(path):
+        raise VtpruneError(f"image {index}: file not found: {path}")
+    if isinstance(path, str) and os.path.isdir(path):
+        raise VtpruneError(f"image {index}: {path} is a directory, not an image file")
+    # a FIFO or a device is refused from stat, before any open (opening a FIFO blocks forever)
+    path = check_file(path, f"image {index}:")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its limit; ours is checked on the header's size just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                _check_size(im.size, index, f"{path} ")
                 im.load()
                 return im.convert("RGB")
-        except UnidentifiedImageError:
-            raise VtpruneError(f"image {index}: {path} is not an image (PIL cannot identify it)") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise VtpruneError(f"image {index}: {path} is not a readable image ({e})") from None
-    raise VtpruneError(f"image {index}: expected a PIL image or a file path, got {type(image).__name__}")
+    except VtpruneError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise VtpruneError(f"image {index}: {path} has more pixels than the limit of {MAX_IMAGE_PIXELS} "
+                           f"(refused as a possible decompression bomb; PIL: {e})") from None
+    except UnidentifiedImageError:
+        raise VtpruneError(f"image {index}: {path} is not an image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise fs_error(f"image {index}:", path, e) from None
+        raise VtpruneError(f"image {index}: {path} is not a readable image ({e})") from None
 
 
 def check_pairs(images: Sequence, prompts: Sequence[str]) -> None:
