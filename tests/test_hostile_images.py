@@ -204,9 +204,10 @@ def test_16_bit_grey_png_scales_by_257_from_a_file_and_as_an_object(tmp_path):
     a[0, :6] = [0, 128, 129, 255, 65407, 65535]
     path = tmp_path / "g16.png"
     Image.fromarray(a).save(path)
-    assert Image.open(path).mode == "I;16"
     expected = np.floor(a / 257 + 0.5)[..., None].repeat(3, 2)
-    assert (rgb(Image.open(path)) == expected).all()
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"
+        assert (rgb(opened) == expected).all()
     assert (np.asarray(load_image(str(path))) == expected).all()
     assert list(expected[0, :6, 0]) == [0, 0, 1, 1, 255, 255]
     big_endian = Image.frombytes("I;16B", (70, 50), a.astype(">u2").tobytes())
@@ -327,7 +328,8 @@ def test_first_frame_of_animations_and_no_exif_rotation(tmp_path, processor):
     red.save(tmp_path / "anim.png", save_all=True, append_images=[blue])
     red.save(tmp_path / "pages.tiff", save_all=True, append_images=[blue])
     for name in ("anim.gif", "anim.png", "pages.tiff"):
-        assert Image.open(tmp_path / name).n_frames == 2
+        with Image.open(tmp_path / name) as opened:
+            assert opened.n_frames == 2
         assert (np.asarray(load_image(str(tmp_path / name))) == [255, 0, 0]).all(), name
     # EXIF orientation 6 (rotate 90 degrees) is not applied, as LlavaProcessor and LLaVA's training
     # pipeline (PIL's open + convert) do not apply it either
@@ -337,7 +339,9 @@ def test_first_frame_of_animations_and_no_exif_rotation(tmp_path, processor):
     im.save(tmp_path / "rot.png", exif=exif)
     loaded = load_image(str(tmp_path / "rot.png"))
     assert loaded.size == (20, 10) and (np.asarray(loaded) == np.asarray(im)).all()
-    assert (pixels(processor, loaded) == pixels(processor, Image.open(tmp_path / "rot.png"))).all()
+    with Image.open(tmp_path / "rot.png") as opened:
+        assert opened.getexif()[0x0112] == 6
+        assert (pixels(processor, loaded) == pixels(processor, opened)).all()
 
 
 # ------------------------------------------------------------------ sizes, aspect ratios, memory
@@ -382,6 +386,10 @@ def test_extreme_aspect_ratio_with_another_processor_is_refused():
     assert str(e.value) == ("image 5: is 1x2000 (aspect ratio 2000:1): this image processor would resize it to "
                             "336x672000 pixels before its 336x336 crop; refused (at most 16:1 with it)")
     assert load_image(Image.new("RGB", (100, 1600)), 5, TorchvisionLike()).size == (100, 1600)
+
+    class FixedSize(TorchvisionLike):  # resizes to 336x336 whatever the aspect: memory is bounded
+        size = {"height": 336, "width": 336}
+    assert load_image(im, 5, FixedSize()) is im
 
 
 RSS = """

@@ -221,23 +221,10 @@ def load_image(image, index: int = 0, processor=None):
     return rgb if processor is None else fit_to_processor(rgb, processor, index, where)
 
 
-def _geometry(processor):
-    """(shortest edge, crop height, crop width, resample) of a PIL image processor that resizes by the
-    shortest edge and centre-crops (LlavaProcessor's CLIPImageProcessor), else None."""
-    def field(d, key):
-        if d is None:
-            return None
-        return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
-
-    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-    if not (getattr(processor, "do_resize", False) and getattr(processor, "do_center_crop", False)):
+def _field(d, key):
+    if d is None:
         return None
-    short, ch, cw = field(size, "shortest_edge"), field(crop, "height"), field(crop, "width")
-    if not all(isinstance(v, int) and v > 0 for v in (short, ch, cw)):
-        return None
-    if any(field(size, k) for k in ("longest_edge", "height", "width", "max_height", "max_width")):
-        return None
-    return short, ch, cw, getattr(processor, "resample", None)
+    return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
 
 
 def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
@@ -249,22 +236,34 @@ def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
 
 
 def fit_to_processor(im, processor, index: int = 0, where: str = ""):
-    """`im` (RGB), or, when its shortest-edge resize would exceed 16 times the centre crop's area,
-    the processor's resize-and-crop of it computed on the crop only. Processors other than PIL's
-    shortest-edge-and-crop ones get such images refused."""
+    """`im` (RGB), or, when the processor's shortest-edge resize of it would exceed 16 times the area
+    of its centre crop, the processor's resize and crop of it computed on the crop only (PIL
+    processors: LlavaProcessor's CLIPImageProcessor). A processor that resizes otherwise (to a fixed
+    size, or bounded by a longest edge) gets `im` unchanged: its memory is bounded already. One that
+    resizes by the shortest edge in a way not reproduced here (the torchvision backend, NEAREST, no
+    centre crop, a crop larger than the resize) gets such an image refused."""
     from PIL import Image
 
-    geo = _geometry(processor)
-    if geo is None:
+    size = getattr(processor, "size", None)
+    short = _field(size, "shortest_edge")
+    if (not getattr(processor, "do_resize", False) or not isinstance(short, int) or short <= 0
+            or any(_field(size, k) for k in ("longest_edge", "height", "width", "max_height", "max_width"))):
         return im
-    short, ch, cw, resample = geo
+    crop = getattr(processor, "crop_size", None)
+    ch, cw = _field(crop, "height"), _field(crop, "width")
+    cropped = (getattr(processor, "do_center_crop", False)
+               and all(isinstance(v, int) and v > 0 for v in (ch, cw)))
+    if not cropped:
+        ch = cw = short
     w, h = im.size
     nw, nh = _resized_size(w, h, short)
     if nw * nh <= _PROCESSOR_MAX_AREA_RATIO * ch * cw:
         return im
+    resample = getattr(processor, "resample", None)
     convolution = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS,
                    Image.Resampling.BOX, Image.Resampling.HAMMING)
-    if (getattr(processor, "backend", "pil") != "pil" or resample not in convolution or nw < cw or nh < ch):
+    if (not cropped or getattr(processor, "backend", "pil") != "pil" or resample not in convolution
+            or nw < cw or nh < ch):
         ratio = max(w, h) / min(w, h)
         raise VtpruneError(f"image {index}: {where}is {w}x{h} (aspect ratio {ratio:.0f}:1): this image processor "
                            f"would resize it to {nw}x{nh} pixels before its {cw}x{ch} crop; refused (at most "
