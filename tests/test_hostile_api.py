@@ -2,6 +2,7 @@
 next_token_logits, set_pruning and prepare is one VtpruneError naming the argument, raised before
 any image is read; valid extremes (tiny temperatures, the largest seed, a set of stop strings)
 work. Small model (36 visual tokens), in-process."""
+import json
 import os
 import warnings
 
@@ -12,7 +13,6 @@ from conftest import make_image
 
 from vtprune import LlavaEngine, VtpruneError, format_prompt
 from vtprune.engine.arguments import MIN_TEMPERATURE
-from vtprune.engine.generate import PreparedBatch
 from vtprune.engine.sampling import sample_next
 from vtprune.pruning import PruningConfig
 
@@ -241,3 +241,49 @@ def test_failed_set_pruning_keeps_the_previous_configuration(eng):
     finally:
         eng.set_pruning(None)
     assert eng.plan is None and eng.prompts.num_visual_tokens == 36
+
+
+def test_data_records_skipped_with_a_capped_report(tmp_path):
+    """Training / eval JSONL: each bad record is skipped with its line and reason; the first five
+    are reported one warning each, the rest in one count."""
+    from vtprune.training.data import TrainingData
+
+    make_image(0, 20, 20).save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "Q", "answer": "A"}
+    bad = [dict(good, id=1.5), dict(good, type=["caption"]), dict(good, id=True), dict(good, answer=None),
+           dict(good, image=""), dict(good, image="dir"), dict(good, image="fifo"), dict(good, question=" ")]
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # refused from stat, before PIL could block on it
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in [dict(good, id=7)] + bad) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = TrainingData(str(tmp_path / "d.jsonl"), what="eval data")
+    assert [(e.line, e.id) for e in data.examples] == [(1, "7")]
+    assert data.skipped == [
+        (2, "'id' must be a string or an integer, got a number (1.5)"),
+        (3, "'type' must be a string, got an array"),
+        (4, "'id' must be a string or an integer, got a boolean"),
+        (5, "'answer' must be a string, got null"),
+        (6, "'image' is empty"),
+        (7, f"image {tmp_path / 'dir'}: is a directory"),
+        (8, f"image {tmp_path / 'fifo'}: is a FIFO (named pipe), not a regular file; refused (it could block "
+            f"forever)"),
+        (9, "'question' is empty"),
+    ]
+    path = str(tmp_path / "d.jsonl")
+    assert [str(w.message) for w in caught] == [f"{path}:{n}: skipped: {r}" for n, r in data.skipped[:5]] + [
+        f"{path}: 3 more lines skipped (8 in all, 1 records used)"]
+
+
+def test_eval_outputs_errors_name_the_path(tmp_path):
+    from vtprune.quality.evaluate import _write_text, write_outputs
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(VtpruneError, match=rf"^--out directory {tmp_path / 'file.txt'}: exists and is not a "
+                                           rf"directory$"):
+        write_outputs([], str(tmp_path / "file.txt" / "results"), {})
+    (tmp_path / "old.json").write_text("earlier results")
+    with pytest.raises(VtpruneError, match=rf"^results file {tmp_path / 'none' / 'r.json'}: not found$"):
+        _write_text(str(tmp_path / "none" / "r.json"), "results file", "{}")
+    _write_text(str(tmp_path / "old.json"), "results file", "{}")  # replaced whole, no temporary left
+    assert (tmp_path / "old.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["file.txt", "old.json"]
