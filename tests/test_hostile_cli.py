@@ -11,6 +11,7 @@ server reports what a fresh process does.
 """
 import json
 import os
+import select
 import stat
 import subprocess
 import sys
@@ -100,6 +101,9 @@ class _ForkServer:
         self.proc.stdin.write(json.dumps({"argv": argv, "cwd": cwd, "timeout": timeout, "out": out,
                                           "err": err}) + "\n")
         self.proc.stdin.flush()
+        # the first reply also waits for the server's imports (a first JIT build of the ops: ~1 min)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout + 600)
+        assert ready, f"no reply from the fork server:\n{open(self.log.name).read()[-3000:]}"
         reply = self.proc.stdout.readline()
         assert reply, f"fork server died:\n{open(self.log.name).read()[-3000:]}"
         reply = json.loads(reply)
