@@ -215,6 +215,40 @@ def check_output_file(path, what: str, inputs: dict | None = None) -> str:
     return path
 
 
+def check_output_dir(path, what: str) -> str:
+    """`path` as a str if a directory can be there: it is an existing writable directory, or it can
+    be created (its nearest existing ancestor is a writable directory). Nothing is created, so a
+    job can check its output before slow work and fail without leaving anything behind."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise VtpruneError(f"{what}: expected a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not path:
+        raise VtpruneError(f"{what}: empty path")
+    if "\x00" in path:
+        raise VtpruneError(f"{what} {path!r}: the path contains a NUL byte")
+    probe = os.path.abspath(path)
+    while True:  # up to the nearest ancestor that exists
+        try:
+            st = os.stat(probe)
+            break
+        except (FileNotFoundError, NotADirectoryError) as e:
+            if isinstance(e, FileNotFoundError) and os.path.lexists(probe):  # makedirs would fail on it
+                raise VtpruneError(f"{what} {path}: {probe} is a broken symbolic link") from None
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                raise VtpruneError(f"{what} {path}: not found") from None
+            probe = parent
+        except OSError as e:
+            raise fs_error(what, path, e) from None
+    if not stat.S_ISDIR(st.st_mode):
+        if probe == os.path.abspath(path):
+            raise VtpruneError(f"{what} {path}: exists and is not a directory")
+        raise VtpruneError(f"{what} {path}: a parent of it ({probe}) is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise VtpruneError(f"{what} {path}: directory {probe}: permission denied")
+    return path
+
+
 def make_output_dir(path, what: str) -> str:
     """Create directory `path` (and its parents) if needed; one error if it cannot be."""
     if not isinstance(path, (str, os.PathLike)):
