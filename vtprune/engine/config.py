@@ -112,15 +112,32 @@ def read_model_json(path: str, what: str, missing: str | None = None):
 _MAX = 2**31 - 1
 
 
-class _Section:
-    """Typed reads of one mapping of config.json, every error naming the key by its full path."""
+# What transformers' LlamaConfig / CLIPVisionConfig take for a key config.json leaves out (or sets
+# to null): the hub's llava-hf/llava-1.5-7b-hf config.json gives text_config only its vocab_size,
+# context and eps (hidden_size, heads and layers are LlamaConfig's defaults, Vicuna-7B's sizes) and
+# vision_config no hidden_act or layer_norm_eps. Values of transformers 5.24 (unchanged since 4.28;
+# tests/test_hostile_config.py compares them with the installed classes). Derived values
+# (num_key_value_heads = heads, head_dim = hidden / heads) are computed, as transformers does.
+TEXT_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                 "hidden_act": "silu", "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+                 "tie_word_embeddings": False}
+VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "num_channels": 3, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-5,
+                   "hidden_act": "quick_gelu"}
 
-    def __init__(self, d: dict, prefix: str, where: str):
-        self.d, self.prefix, self.where = d, prefix, f"{where}: "
+
+class _Section:
+    """Typed reads of one mapping of config.json, every error naming the key by its full path;
+    an absent or null key takes `defaults` (transformers' value), else the default given."""
+
+    def __init__(self, d: dict, prefix: str, where: str, defaults: dict | None = None):
+        self.d, self.prefix, self.where, self.defaults = d, prefix, f"{where}: ", defaults or {}
 
     def _value(self, key: str, default: Any):
         v = self.d.get(key)
         if v is None:
+            default = self.defaults.get(key, default)
             if default is ...:
                 raise CheckpointError(f"{self.where}missing key '{self.prefix}{key}'")
             return default
@@ -173,8 +190,8 @@ def _parse(d: dict, where: str = "config") -> LlavaModelConfig:
         if key not in d or d[key] is None:
             top.fail(f"missing key '{key}' ('vision_config' and 'text_config' must both be present)")
         check_mapping(d[key], key, error=CheckpointError, where=top.where)
-    v = _Section(d["vision_config"], "vision_config.", where)
-    t = _Section(d["text_config"], "text_config.", where)
+    v = _Section(d["vision_config"], "vision_config.", where, VISION_DEFAULTS)
+    t = _Section(d["text_config"], "text_config.", where, TEXT_DEFAULTS)
     vt = v.d.get("model_type", "clip_vision_model")
     if vt != "clip_vision_model":
         top.fail(f"vision_config.model_type is {_quoted(vt)}, only 'clip_vision_model' is supported")
@@ -190,9 +207,9 @@ def _parse(d: dict, where: str = "config") -> LlavaModelConfig:
         num_heads=v.int("num_attention_heads"),
         image_size=v.int("image_size"),
         patch_size=v.int("patch_size"),
-        num_channels=v.int("num_channels", 3),
-        layer_norm_eps=v.positive("layer_norm_eps", 1e-5),
-        hidden_act=v.choice("hidden_act", "quick_gelu", acts),
+        num_channels=v.int("num_channels"),
+        layer_norm_eps=v.positive("layer_norm_eps"),
+        hidden_act=v.choice("hidden_act", ..., acts),
     )
     if vision.hidden_size % vision.num_heads:
         v.fail(f"vision_config.hidden_size ({vision.hidden_size}) must be a multiple of "
@@ -216,7 +233,7 @@ def _parse(d: dict, where: str = "config") -> LlavaModelConfig:
     if rope.get("rope_theta") is not None:
         rope_theta = _Section(rope, rope_key + ".", where).positive("rope_theta")
     else:
-        rope_theta = t.positive("rope_theta", 10000.0)
+        rope_theta = t.positive("rope_theta")
 
     hidden = t.int("hidden_size")
     heads = t.int("num_attention_heads")
@@ -239,13 +256,13 @@ def _parse(d: dict, where: str = "config") -> LlavaModelConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=t.positive("rms_norm_eps", 1e-6),
+        rms_norm_eps=t.positive("rms_norm_eps"),
         rope_theta=rope_theta,
-        max_position_embeddings=t.int("max_position_embeddings", 4096),
-        hidden_act=t.choice("hidden_act", "silu", acts),
-        attention_bias=t.bool("attention_bias", False),
-        mlp_bias=t.bool("mlp_bias", False),
-        tie_word_embeddings=(t.bool("tie_word_embeddings", False) if tie is not None
+        max_position_embeddings=t.int("max_position_embeddings"),
+        hidden_act=t.choice("hidden_act", ..., acts),
+        attention_bias=t.bool("attention_bias", ...),
+        mlp_bias=t.bool("mlp_bias", ...),
+        tie_word_embeddings=(t.bool("tie_word_embeddings", ...) if tie is not None
                              else top.bool("tie_word_embeddings", False)),
         eos_token_id=_token_ids(t.d.get("eos_token_id", 2), "text_config.eos_token_id", vocab, t),
     )

@@ -202,7 +202,8 @@ class PruningConfig:
         number("temperature", 0, lo_open=True, want="a number > 0")
         if not is_number(self.temperature_min) or not math.isfinite(self.temperature_min) \
                 or not 0 < self.temperature_min <= self.temperature:
-            bad("temperature_min", f"must be in (0, temperature = {self.temperature:g}], got {show(self.temperature_min)}")
+            bad("temperature_min", f"must be in (0, temperature = {self.temperature:g}], got "
+                                   f"{show(self.temperature_min)}")
         number("temperature_anneal_rate", 0, 1, lo_open=True, want="in (0, 1]")
         choice("mask_gradient", ("logit", "value"))
         choice("task_loss_average", ("token", "example"))

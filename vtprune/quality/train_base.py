@@ -348,8 +348,6 @@ def load_init_model(path: str):
     own readers (config.json, safetensors headers, shard names), then loaded by transformers from
     safetensors only (`use_safetensors=True`: a directory holding only pytorch_model.bin is refused,
     never unpickled), from local files, without remote code."""
-    from transformers import LlavaForConditionalGeneration
-
     from ..engine.config import LlavaModelConfig
     from ..engine.engine import _quiet_transformers
     from ..engine.weights import checkpoint_files, safetensors_header
@@ -363,6 +361,8 @@ def load_init_model(path: str):
     LlavaModelConfig.from_any(path)
     for f in checkpoint_files(path):
         safetensors_header(f, "checkpoint file")
+    from transformers import LlavaForConditionalGeneration
+
     try:
         with _quiet_transformers():
             return LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True,
@@ -415,8 +415,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from transformers import LlavaForConditionalGeneration
-
     from ..engine.weights import read_tensors
     from ..errors import CheckpointError
     from ..files import make_output_dir
@@ -464,6 +462,8 @@ def _main(argv=None) -> int:
     torch.manual_seed(a.seed)
     tok = build_tokenizer(384, sv.vocabulary_text())
     if model is None:
+        from transformers import LlavaForConditionalGeneration
+
         model = LlavaForConditionalGeneration(build_config(tok)).train()
     log_path = os.path.join(a.out, "base_training_log.jsonl")
     logf = open(log_path, "w", encoding="utf-8")
