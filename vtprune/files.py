@@ -241,7 +241,8 @@ def check_output_file(path, what: str, inputs: dict | None = None, parents: bool
 
 def check_output_dir(path, what: str, _file: str | None = None) -> str:
     """`path` as a str if it is a writable directory or one that can be created: nothing in the
-    way is a file, and its nearest existing ancestor is a writable directory. Nothing is created.
+    way is a file, and its nearest existing ancestor is a writable directory. Nothing is created,
+    so a job can check its output before slow work and fail without leaving anything behind.
     (`_file`: the output file that will be written in it, named in the errors instead.)"""
     if not isinstance(path, (str, os.PathLike)):
         raise VtpruneError(f"{what}: expected a directory path, got {type(path).__name__}")
@@ -256,7 +257,9 @@ def check_output_dir(path, what: str, _file: str | None = None) -> str:
         try:
             st = os.stat(here)
             break
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError) as e:
+            if isinstance(e, FileNotFoundError) and os.path.lexists(here):  # makedirs would fail on it
+                raise VtpruneError(f"{named}: {here} is a broken symbolic link") from None
             up = os.path.dirname(here)
             if up == here:
                 raise VtpruneError(f"{named}: not found") from None
@@ -266,10 +269,9 @@ def check_output_dir(path, what: str, _file: str | None = None) -> str:
     if not stat.S_ISDIR(st.st_mode):
         if here == target and _file is None:
             raise VtpruneError(f"{named}: exists and is not a directory")
-        raise VtpruneError(f"{named}: {here} is not a directory")
+        raise VtpruneError(f"{named}: a parent of it ({here}) is a file, not a directory")
     if not os.access(here, os.W_OK | os.X_OK):
-        where = f"directory {here}: " if here != target or _file is not None else ""
-        raise VtpruneError(f"{named}: {where}permission denied")
+        raise VtpruneError(f"{named}: directory {here}: permission denied")
     return path
 
 

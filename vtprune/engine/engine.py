@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -132,7 +132,7 @@ class LlavaEngine:
         except VtpruneError as e:
             raise CheckpointError(str(e)) from None
         cfg = LlavaModelConfig.from_any(path)
-        tokenizer, image_processor = _load_processors(path)
+        tokenizer, image_processor = _load_processors(path, cfg)
         model = _build_on_meta(cfg)
         load_weights(model, path, device, dtype)
         model.decoder.rotary.reset_parameters(device)
@@ -408,21 +408,75 @@ def _image_key(im):
     return ("obj", id(im))
 
 
-def _load_processors(path: str):
+# JSON files of a model directory that transformers reads for the tokenizer and image processor:
+# each is read here first, so that a bad one (not UTF-8, not JSON, a directory, unreadable, a
+# symlink loop, a FIFO) is one CheckpointError naming it instead of a traceback from transformers.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+_PROCESSOR_JSON = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_model_files(path: str) -> None:
+    from ..files import check_file, read_bytes
+    from .config import read_model_json
+
+    def exists(name):
+        return os.path.lexists(os.path.join(path, name))
+
+    if not any(exists(f) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {path}")
+    if not any(exists(f) for f in _PROCESSOR_JSON):
+        raise CheckpointError(f"no preprocessor_config.json (or processor_config.json) in {path}")
+    for name in _TOKENIZER_JSON + _PROCESSOR_JSON:
+        if not exists(name):
+            continue
+        file = os.path.join(path, name)
+        data = read_model_json(file, name)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{name} {file}: expected a JSON object, got {type(data).__name__}")
+        if "auto_map" in data:  # custom tokenizer / processor classes are code shipped with the model
+            raise CheckpointError(f"{name} {file}: 'auto_map' names custom code, which is never run "
+                                  f"(no trust_remote_code); use a model with the standard LLaVA processor")
+    for name in ("tokenizer.model", "merges.txt"):  # binary / text files of slow tokenizers
+        if exists(name):
+            try:
+                read_bytes(check_file(os.path.join(path, name), name), name)
+            except VtpruneError as e:
+                raise CheckpointError(str(e)) from None
+
+
+def _load_processors(path: str, cfg: LlavaModelConfig | None = None):
+    """The tokenizer and image processor of a model directory, with transformers' own classes
+    (local files only, no remote code); with `cfg`, checked against the model: the tokenizer's ids
+    fit the vocabulary and the processor makes images of the vision tower's size."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
-                                                              "tokenizer_config.json")):
-        raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {path}")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json",
-                                                              "processor_config.json")):
-        raise CheckpointError(f"no preprocessor_config.json (or processor_config.json) in {path}")
+    _check_model_files(path)
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot load tokenizer/image processor from {path}: {e}") from None
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers / tokenizers parse the model's files, any error is theirs
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"cannot load tokenizer/image processor from {path}: {msg}") from None
+    if cfg is not None:
+        if len(tokenizer) > cfg.text.vocab_size:
+            raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens, more than "
+                                  f"text_config.vocab_size ({cfg.text.vocab_size}) in config.json")
+        from PIL import Image
+
+        size = cfg.vision.image_size
+        try:
+            with _quiet_transformers():
+                shape = tuple(image_processor(images=[Image.new("RGB", (size, size))],
+                                              return_tensors="pt")["pixel_values"].shape)
+        except Exception as e:  # noqa: BLE001 - the processor's settings come from the model's JSON
+            raise CheckpointError(f"{path}: the image processor fails on a {size}x{size} image "
+                                  f"({' '.join(str(e).split())})") from None
+        if shape != (1, 3, size, size):
+            raise CheckpointError(f"{path}: the image processor makes images of shape {list(shape[1:])}, the "
+                                  f"vision tower needs [3, {size}, {size}] (vision_config.image_size; check "
+                                  f"crop_size / size in preprocessor_config.json)")
     return tokenizer, image_processor
 
 
@@ -436,12 +490,18 @@ def _default_image_processor(image_size: int):
 
 def _eos_ids(path: str, cfg: LlavaModelConfig, tokenizer) -> tuple[int, ...]:
     """EOS ids as transformers' generate picks them: generation_config.json first."""
+    from .config import _Section, _token_ids, read_model_json
+
     gen = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen):
-        with open(gen, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if os.path.lexists(gen):
+        data = read_model_json(gen, "generation_config.json")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"generation_config.json {gen}: expected a JSON object, got "
+                                  f"{type(data).__name__}")
+        eos = _token_ids(data.get("eos_token_id"), "eos_token_id", cfg.text.vocab_size,
+                         _Section(data, "", f"generation_config.json {gen}"))
+        if eos:
+            return eos
     if cfg.text.eos_token_id:
         return cfg.text.eos_token_id
     return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
