@@ -52,8 +52,9 @@ def small_engine(small_dir):
 def load_reference(path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                          local_files_only=True).eval()
+    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 @pytest.fixture(scope="session")
