@@ -92,9 +92,9 @@ def check_dir(path, what: str) -> str:
 
 def read_bytes(path, what: str, limit: int | None = None) -> bytes:
     """The file's bytes (a regular file only); `limit`: refuse files larger than that many bytes."""
-    path = check_file(path, what)
+    f = open_regular(path, what)
     try:
-        with open(path, "rb") as f:
+        with f:
             data = f.read() if limit is None else f.read(limit + 1)
     except OSError as e:
         raise fs_error(what, path, e) from None
@@ -145,24 +145,48 @@ def read_yaml(path, what: str):
         raise VtpruneError(f"{what} {os.fspath(path)}: YAML nested too deeply") from None
 
 
-def iter_lines(path, what: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without the newline) of a regular file, streamed; blank lines skipped.
-    Lines are bytes so that one line that is not UTF-8 can be reported alone (`decode_utf8`)."""
-    path = check_file(path, what)
+def open_regular(path, what: str, mode: str = "rb"):
+    """A binary file object on `path` ("rb", "ab": append, created if missing, "r+b"), or the error.
+    The file is opened non-blocking and checked from its descriptor: a FIFO put where a regular
+    file was checked (or given) fails at once instead of blocking in open()."""
+    flags = {"rb": os.O_RDONLY, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+b": os.O_RDWR}[mode]
+    path = check_file(path, what) if mode != "ab" or os.path.exists(path) else os.fspath(path)
     try:
-        f = open(path, "rb")
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
         raise fs_error(what, path, e) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode)
+
+
+def iter_lines(path, what: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes without the newline) of a regular file, streamed; blank lines skipped.
+    Lines are bytes so that one line that is not UTF-8 can be reported alone (`decode_utf8`).
+    With `max_line_bytes`, a longer line is skipped without being held in memory and yielded as
+    (line number, None)."""
+    f = open_regular(path, what)
     with f:
         n = 0
         while True:
             try:
-                raw = f.readline()
+                raw = f.readline() if max_line_bytes is None else f.readline(max_line_bytes + 1)
+                too_long = max_line_bytes is not None and len(raw) > max_line_bytes and not raw.endswith(b"\n")
+                while too_long and raw and not raw.endswith(b"\n"):  # the rest of the line, in bounded pieces
+                    raw = f.readline(1 << 20)
             except OSError as e:
                 raise fs_error(what, path, e) from None
-            if not raw:
+            if not raw and not too_long:
                 return
             n += 1
+            if too_long:
+                yield n, None
+                if not raw:
+                    return
+                continue
             raw = raw.rstrip(b"\r\n")
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
