@@ -257,3 +257,23 @@ def make_output_dir(path, what: str) -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise VtpruneError(f"{what} {path}: permission denied")
     return path
+
+
+def open_binary(path, what: str):
+    """`path` opened for reading bytes, a regular file only. Opened with O_NONBLOCK and checked again
+    with `fstat`, so that a file swapped for a FIFO between the `stat` and the `open` is refused
+    too instead of blocking."""
+    path = check_file(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise fs_error(what, path, e) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

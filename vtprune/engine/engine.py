@@ -161,12 +161,13 @@ class LlavaEngine:
         # vision-tower pass: only distinct images are preprocessed and encoded.
         keys, index, distinct = {}, [], []
         for i, im in enumerate(images):
-            key = ("path", os.path.realpath(os.fspath(im))) if isinstance(im, (str, os.PathLike)) else ("obj", id(im))
+            key = _image_key(im)
             if key not in keys:
                 keys[key] = len(distinct)
                 distinct.append(im)
             index.append(keys[key])
-        pil = [load_image(im, index.index(j)) for j, im in enumerate(distinct)]
+        # with the processor: an image elongated beyond 16:1 is resized and cropped on the crop only
+        pil = [load_image(im, index.index(j), self.image_processor) for j, im in enumerate(distinct)]
         ids = [self.prompts.encode(p) for p in prompts]
         ctx = self.cfg.text.max_position_embeddings
         for i, row in enumerate(ids):
@@ -371,6 +372,16 @@ class LlavaEngine:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _image_key(im):
+    """Images named by the same path (after symlinks) or given as the same object are one image."""
+    if isinstance(im, (str, os.PathLike)):
+        try:
+            return ("path", os.path.realpath(os.fspath(im)))
+        except (TypeError, ValueError, OSError):  # a NUL byte, a bytes path: load_image reports it
+            return ("obj", id(im))
+    return ("obj", id(im))
 
 
 def _load_processors(path: str):

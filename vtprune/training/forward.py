@@ -77,7 +77,7 @@ class BatchBuilder:
         pruned_p = [self.pruned.encode(p) for p in prompts]
         full_p = [self.full.encode(p) for p in prompts]
         answers = [self.answer_ids(p, e.answer, ids) for p, e, ids in zip(prompts, examples, pruned_p)]
-        pil = [load_image(e.image, e.line) for e in examples]
+        pil = [load_image(e.image, e.line, self.image_processor) for e in examples]
         with _quiet_transformers():
             pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
         full, pruned = self._sequences(full_p, answers), self._sequences(pruned_p, answers)
