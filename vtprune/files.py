@@ -146,21 +146,24 @@ def read_yaml(path, what: str):
 
 
 def open_regular(path, what: str, mode: str = "rb"):
-    """A binary file object on `path` ("rb", "ab": append, created if missing, "r+b"), or the error.
-    The file is opened non-blocking and checked from its descriptor: a FIFO put where a regular
-    file was checked (or given) fails at once instead of blocking in open()."""
+    """A binary file object on `path` ("rb"; "ab": append, created if missing; "r+b"), a regular
+    file only, or the error. Opened with O_NONBLOCK and checked again with `fstat`, so that a file
+    swapped for a FIFO between the `stat` and the `open` is refused too instead of blocking."""
     flags = {"rb": os.O_RDONLY, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+b": os.O_RDWR}[mode]
     path = check_file(path, what) if mode != "ab" or os.path.exists(path) else os.fspath(path)
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         raise fs_error(what, path, e) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
         os.close(fd)
-        raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, mode)
+        raise
 
 
 def iter_lines(path, what: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
@@ -260,20 +263,5 @@ def make_output_dir(path, what: str) -> str:
 
 
 def open_binary(path, what: str):
-    """`path` opened for reading bytes, a regular file only. Opened with O_NONBLOCK and checked again
-    with `fstat`, so that a file swapped for a FIFO between the `stat` and the `open` is refused
-    too instead of blocking."""
-    path = check_file(path, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise fs_error(what, path, e) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    """`path` opened for reading bytes, a regular file only (`open_regular(path, what, "rb")`)."""
+    return open_regular(path, what, "rb")
