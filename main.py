@@ -30,13 +30,20 @@ def run(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
-    from vtprune import LlavaEngine, VtpruneError, format_prompt
-    from vtprune.cli import _default_device_dtype
+    from vtprune import LlavaEngine, format_prompt
+    from vtprune.cli import _default_device_dtype, check_model_dir, check_yaml, report_error
+    from vtprune.engine.arguments import check_max_new_tokens
     from vtprune.demo import default_model_dir, default_pruning, demo_examples, has_trained_default
     from vtprune.quality.metrics import exact_match
     from vtprune.pruning import PruningConfig
 
     try:
+        # the user's arguments before the model loads
+        check_max_new_tokens(args.max_new_tokens)
+        if args.model is not None:
+            check_model_dir(args.model)
+        if args.pruning is not None:
+            check_yaml(args.pruning, "pruning config")
         model_dir = args.model or default_model_dir()
         device, dtype = _default_device_dtype(args.device, args.dtype)
         t = time.perf_counter()
@@ -78,9 +85,13 @@ def run(argv=None) -> int:
             n = sum(r.stats["generated_tokens"] for r in results)
             print(f"{name:>17}: batch of {len(results)} in {seconds * 1e3:.0f} ms (first token "
                   f"{results[0].stats['time_to_first_token_s'] * 1e3:.0f} ms, {n / seconds:.0f} generated tok/s)")
-    except VtpruneError as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        # any bad input (a file as --model, a bad --pruning, --device tpu, an unreadable file)
+        # is one line `main.py: error: ...` and exit status 2; a bug keeps its traceback
+        code = report_error("main.py", e)
+        if code is None:
+            raise
+        return code
     return 0
 
 

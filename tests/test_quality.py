@@ -126,13 +126,14 @@ def test_cli_compare_writes_json_markdown_and_plot(small_dir, tmp_path):
 
 def test_cli_eval_errors_are_one_line(small_dir, tmp_path):
     r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "none.jsonl"))
-    assert r.returncode == 2 and "data file not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and f"eval data {tmp_path / 'none.jsonl'}: not found" in r.stderr
+    assert "Traceback" not in r.stderr
     (tmp_path / "d.jsonl").write_text("{}\n")
-    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "d.jsonl"), "--pruning", "a.yaml",
+    r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "d.jsonl"), "--compare", "--pruning", "a.yaml",
              "--pruning", "b.yaml")
-    assert r.returncode == 2 and "pruning config not found" in r.stderr
+    assert r.returncode == 2 and "pruning config a.yaml: not found" in r.stderr
     r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "d.jsonl"))
-    assert r.returncode == 2 and "no usable training records" in r.stderr
+    assert r.returncode == 2 and "no usable records (1 line skipped; line 1: 'image' is missing)" in r.stderr
 
 
 def test_score_matches_transformers(small_dir, small_engine):

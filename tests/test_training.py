@@ -202,16 +202,17 @@ def test_cli_train_reports_bad_records_and_errors_in_one_line(small_dir, tmp_pat
             "--no-progress"]
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 0, r.stderr
-    assert "train.jsonl:7: skipped: bad JSON" in r.stderr and ":8: skipped" in r.stderr and ":9: skipped" in r.stderr
+    assert "train.jsonl:7: skipped: not valid JSON" in r.stderr and ":8: skipped" in r.stderr and ":9: skipped" in r.stderr
     assert os.path.isfile(os.path.join(out, "pruning.safetensors")) and "step 2 of 2" in r.stdout
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("vtprune: error: ")
     assert "--resume" in r.stderr and "Traceback" not in r.stderr
     r = _cli("train", "--model", small_dir, "--config", cfg, "--data", str(tmp_path / "none.jsonl"), "--out", out)
-    assert r.returncode == 2 and "training data not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and f"training data {tmp_path / 'none.jsonl'}: not found" in r.stderr
+    assert "Traceback" not in r.stderr
     r = _cli("train", "--model", str(tmp_path / "nomodel"), "--config", cfg, "--data", data, "--out",
              str(tmp_path / "r2"))
-    assert r.returncode == 2 and "model directory not found" in r.stderr
+    assert r.returncode == 2 and f"model directory {tmp_path / 'nomodel'}: not found" in r.stderr
     assert not os.path.exists(tmp_path / "r2" / "checkpoint")
 
 

@@ -35,20 +35,20 @@ def test_bad_records_are_reported_with_line_numbers_and_skipped(tmp_path):
         json.dumps({"image": str(tmp_path / "a.png"), "question": "Again?", "answer": "Yes."}),
     ]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match=r"train.jsonl:2: skipped: bad JSON"):
+    with pytest.warns(UserWarning, match=r"train.jsonl:2: skipped: not valid JSON"):
         data = TrainingData(str(tmp_path / "train.jsonl"))
     assert [e.line for e in data.examples] == [1, 7] and data[0].image == str(tmp_path / "a.png")
     reasons = dict(data.skipped)
     assert set(reasons) == {2, 3, 4, 5, 6}
-    assert "empty 'answer'" in reasons[3] and "file not found" in reasons[4] and "not an image" in reasons[5]
-    assert "missing or empty 'image'" in reasons[6]
+    assert reasons[3] == "'answer' is empty" and reasons[6] == "'image' is missing"
+    assert reasons[4] == f"image {tmp_path / 'missing.png'}: not found" and "not an image" in reasons[5]
 
 
 def test_no_usable_records_is_an_error(tmp_path):
     (tmp_path / "t.jsonl").write_text("{oops\n")
-    with pytest.warns(UserWarning), pytest.raises(VtpruneError, match="no usable training records"):
+    with pytest.raises(VtpruneError, match=r"t.jsonl: no usable records \(1 line skipped; line 1: not valid JSON"):
         TrainingData(str(tmp_path / "t.jsonl"))
-    with pytest.raises(VtpruneError, match="training data not found"):
+    with pytest.raises(VtpruneError, match="training data .*none.jsonl: not found"):
         TrainingData(str(tmp_path / "none.jsonl"))
 
 

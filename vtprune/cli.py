@@ -6,6 +6,7 @@ its traceback. Subcommands: generate, batch, train, eval.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -25,8 +26,16 @@ def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False) -> Non
                    help="baselines: average visual tokens per decoder layer" + more)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is two lines (the error and where the options are listed), not
+    the full usage: generate's and eval's usage alone wrap to 7 lines at 80 columns."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtprune", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="vtprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer questions about images")
     _add_model_args(g)
@@ -97,6 +106,8 @@ def pruning_spec(args):
         return None
     from .pruning import PruningConfig
 
+    if args.pruning:
+        check_yaml(args.pruning, "pruning config")
     cfg = PruningConfig.from_yaml(args.pruning) if args.pruning else PruningConfig()
     if args.policy:
         cfg.policy = args.policy
@@ -106,14 +117,42 @@ def pruning_spec(args):
     return cfg
 
 
+def check_model_dir(path) -> None:
+    """The model directory exists and can be listed (the same error as LlavaEngine.from_pretrained
+    gives, before anything slow runs)."""
+    from .files import check_dir
+
+    check_dir(path, "model directory")
+
+
+def check_yaml(path, what: str) -> None:
+    """The file is a readable regular file of UTF-8 YAML (each problem one error naming the path);
+    its keys are checked where it is loaded."""
+    from .files import read_yaml
+
+    read_yaml(path, what)
+
+
 def _cmd_generate(args) -> int:
     from .engine import LlavaEngine, format_prompt
+    from .engine import arguments as check
     from .engine.inputs import IMAGE_TOKEN
+    from .files import check_readable
 
     if len(args.image) != len(args.prompt):
         raise VtpruneError(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
+    # every argument and path before the (slow) model load: a bad one fails in a second, not after it
+    check.check_max_new_tokens(args.max_new_tokens)
+    check.check_temperature(args.temperature)
+    check.check_top_p(args.top_p)
+    check.check_seed(args.seed)
+    check.check_stops(args.stop)
+    check_model_dir(args.model)
+    for image in args.image:
+        check_readable(image, "image")
+    pruning = pruning_spec(args)
     device, dtype = _default_device_dtype(args.device, args.dtype)
-    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning_spec(args))
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning)
     prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
     results = engine.generate(args.image, prompts, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -191,24 +230,37 @@ def _cmd_eval(args) -> int:
     import os
 
     from .engine import LlavaEngine
-    from .quality.evaluate import (comparison_settings, environment, evaluate, load_records, run_settings,
-                                   to_markdown, write_outputs)
+    from .files import check_output_file, check_readable
+    from .quality.evaluate import (comparison_settings, environment, evaluate, load_records, output_paths,
+                                   run_settings, to_markdown, write_outputs)
 
-    if not os.path.isfile(args.data):
-        raise VtpruneError(f"data file not found: {args.data}")
     prunings = args.pruning or []
     budgets = args.budget or []
-    for path in prunings:
-        if not os.path.isfile(path):
-            raise VtpruneError(f"pruning config not found: {path}")
     if not args.compare and (len(prunings) > 1 or len(budgets) > 1):
         raise VtpruneError("--pruning and --budget take one value each without --compare")
     if args.compare and args.policy:
         raise VtpruneError("--compare runs every policy; drop --policy")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise VtpruneError(f"{flag} must be >= 1, got {value}")
+    # every path before the data's images are read and the model loads; outputs must not be inputs
+    check_model_dir(args.model)
+    check_readable(args.data, "eval data")
+    for path in prunings:
+        check_yaml(path, "pruning config")
+    inputs = {"--data file": args.data}
+    inputs.update({"--pruning file" + (f" #{i + 1}" if len(prunings) > 1 else ""): p for i, p in enumerate(prunings)})
+    if args.predictions:
+        check_output_file(args.predictions, "--predictions file", inputs, parents=True)
+        inputs["--predictions file"] = args.predictions
+    if args.out:
+        if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+            raise VtpruneError(f"--out {args.out}: is a directory; give a path stem (it writes STEM.json and STEM.md)")
+        for path in output_paths(args.out, plot=args.compare).values():
+            check_output_file(path, "--out file", inputs, parents=True)
     examples = load_records(args.data)
     if args.limit is not None:
-        if args.limit < 1:
-            raise VtpruneError(f"--limit must be >= 1, got {args.limit}")
         examples = examples[: args.limit]
     device, dtype = _default_device_dtype(args.device, args.dtype)
     engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype)
@@ -233,7 +285,23 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training import Trainer, TrainSettings
+    import math
+    import os
+
+    from .files import check_output_dir, check_output_file, check_readable
+
+    if not math.isfinite(args.epochs) or args.epochs <= 0:
+        raise VtpruneError(f"--epochs must be a finite number > 0, got {args.epochs}")
+    # every path before the data's images are read and the model loads; the run's own files
+    # (OUT/log.jsonl, pruning.yaml, pruning.safetensors) must not be the config or the data
+    check_model_dir(args.model)
+    check_yaml(args.config, "pruning config")
+    check_readable(args.data, "training data")
+    check_output_dir(args.out, "--out directory")
+    inputs = {"--config file": args.config, "--data file": args.data}
+    for name in ("log.jsonl", "pruning.yaml", "pruning.safetensors"):
+        check_output_file(os.path.join(args.out, name), "--out file", inputs, parents=True)
+    from .training import Trainer, TrainSettings  # imports (and may build) the compiled ops
 
     settings = TrainSettings(model=args.model, config=args.config, data=args.data, out=args.out, steps=args.steps,
                              epochs=args.epochs, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -257,28 +325,51 @@ def _cmd_train(args) -> int:
 _COMMANDS = {"generate": _cmd_generate, "batch": _cmd_batch, "train": _cmd_train, "eval": _cmd_eval}
 
 
-def main(argv=None) -> int:
-    args = _build_parser().parse_args(argv)
-    try:
-        return _COMMANDS[args.command](args)
-    except VtpruneError as e:
-        print(f"vtprune: error: {e}", file=sys.stderr)
+def report_error(prog: str, e: BaseException) -> int | None:
+    """Print the one line a user sees for `e` and return the exit status, or None: `e` is a bug
+    (the caller re-raises it, traceback and all). main.py shares it."""
+    if isinstance(e, VtpruneError):
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vtprune: interrupted", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:  # a file-system problem the checks at the boundary did not foresee
+    if isinstance(e, OSError):  # a file-system problem the checks at the boundary did not foresee
         from .files import os_error_reason
 
         where = f"{e.filename}: " if e.filename else ""
-        print(f"vtprune: error: {where}{os_error_reason(e)}", file=sys.stderr)
+        print(f"{prog}: error: {where}{os_error_reason(e)}", file=sys.stderr)
         return 2
-    except Exception as e:  # out of memory is the user's sizing problem, not a bug
-        if type(e).__name__ == "OutOfMemoryError":
-            print(f"vtprune: error: out of GPU memory ({str(e).splitlines()[0]}); "
-                  f"use fewer images per call or a smaller dtype", file=sys.stderr)
-            return 2
-        raise
+    if type(e).__name__ == "OutOfMemoryError":  # the user's sizing problem, not a bug
+        print(f"{prog}: error: out of GPU memory ({str(e).splitlines()[0]}); "
+              f"use fewer images per call or a smaller dtype", file=sys.stderr)
+        return 2
+    return None
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """Warnings (skipped data lines, notes) as `PROG: warning: ...`, one line each, no source line."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        with one_line_warnings("vtprune"):
+            return _COMMANDS[args.command](args)
+    except (Exception, KeyboardInterrupt) as e:
+        code = report_error("vtprune", e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def check_dir(path, what: str) -> str:
     path = os.fspath(path)
     if not path:
         raise VtpruneError(f"{what}: empty path")
+    if "\x00" in path:
+        raise VtpruneError(f"{what} {path!r}: the path contains a NUL byte")
     try:
         st = os.stat(path)
     except OSError as e:
@@ -85,6 +87,18 @@ def check_dir(path, what: str) -> str:
         raise VtpruneError(f"{what} {path}: is not a directory")
     try:
         os.listdir(path)
+    except OSError as e:
+        raise fs_error(what, path, e) from None
+    return path
+
+
+def check_readable(path, what: str) -> str:
+    """check_file, and the file can be opened for reading (permission denied is reported here,
+    before any slow work; the file is opened only once it is known to be a regular file)."""
+    path = check_file(path, what)
+    try:
+        with open(path, "rb"):
+            pass
     except OSError as e:
         raise fs_error(what, path, e) from None
     return path
@@ -103,10 +117,15 @@ def read_bytes(path, what: str, limit: int | None = None) -> bytes:
     return data
 
 
-def decode_utf8(data: bytes, what: str, path) -> str:
+def decode_utf8(data: bytes, what: str, path, line: int | None = None) -> str:
+    """`data` as UTF-8 text, else the error naming the line; `line`: `data` is that one line of
+    the file (from iter_lines), and the error names it and the byte's column."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        if line is not None:
+            raise VtpruneError(f"{what} {os.fspath(path)}, line {line}: not UTF-8 text (byte "
+                               f"0x{data[e.start]:02x} at column {e.start + 1})") from None
         line = data[: e.start].count(b"\n") + 1
         raise VtpruneError(f"{what} {os.fspath(path)}: not UTF-8 text (byte 0x{data[e.start]:02x} on line "
                            f"{line})") from None
@@ -205,10 +224,11 @@ def same_file(a, b) -> bool:
         return False
 
 
-def check_output_file(path, what: str, inputs: dict | None = None) -> str:
+def check_output_file(path, what: str, inputs: dict | None = None, parents: bool = False) -> str:
     """`path` as a str if a file can be written there: its directory exists, it is not a directory
     or a special file, it is writable, and it is none of `inputs` ({what: path}), so that writing
-    it cannot destroy them. Nothing is created."""
+    it cannot destroy them. `parents`: its directory may be missing if it can be created
+    (check_output_dir). Nothing is created."""
     if not isinstance(path, (str, os.PathLike)):
         raise VtpruneError(f"{what}: expected a file path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -219,6 +239,10 @@ def check_output_file(path, what: str, inputs: dict | None = None) -> str:
                                   or os.path.abspath(path) == os.path.abspath(os.fspath(other))):
             raise VtpruneError(f"{what} {path} is the {name} ({os.fspath(other)}): refusing to overwrite it")
     parent = os.path.dirname(os.path.abspath(path))
+    if parents:
+        check_output_dir(parent, what, _file=path)
+        if not os.path.isdir(parent):
+            return path  # it will be created, empty
     try:
         st = os.stat(parent)
     except OSError as e:
@@ -239,6 +263,42 @@ def check_output_file(path, what: str, inputs: dict | None = None) -> str:
         raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
     if not os.access(path, os.W_OK):
         raise VtpruneError(f"{what} {path}: permission denied")
+    return path
+
+
+def check_output_dir(path, what: str, _file: str | None = None) -> str:
+    """`path` as a str if it is a writable directory or one that can be created: nothing in the
+    way is a file, and its nearest existing ancestor is a writable directory. Nothing is created,
+    so a job can check its output before slow work and fail without leaving anything behind.
+    (`_file`: the output file that will be written in it, named in the errors instead.)"""
+    if not isinstance(path, (str, os.PathLike)):
+        raise VtpruneError(f"{what}: expected a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not path:
+        raise VtpruneError(f"{what}: empty path")
+    if "\x00" in path:
+        raise VtpruneError(f"{what} {path!r}: the path contains a NUL byte")
+    named = f"{what} {_file if _file is not None else path}"
+    target = here = os.path.abspath(path)
+    while True:  # up to the nearest ancestor that exists
+        try:
+            st = os.stat(here)
+            break
+        except (FileNotFoundError, NotADirectoryError) as e:
+            if isinstance(e, FileNotFoundError) and os.path.lexists(here):  # makedirs would fail on it
+                raise VtpruneError(f"{named}: {here} is a broken symbolic link") from None
+            up = os.path.dirname(here)
+            if up == here:
+                raise VtpruneError(f"{named}: not found") from None
+            here = up
+        except OSError as e:
+            raise fs_error(what, _file if _file is not None else path, e) from None
+    if not stat.S_ISDIR(st.st_mode):
+        if here == target and _file is None:
+            raise VtpruneError(f"{named}: exists and is not a directory")
+        raise VtpruneError(f"{named}: a parent of it ({here}) is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise VtpruneError(f"{named}: directory {here}: permission denied")
     return path
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CheckpointError, VtpruneError
+from . import arguments as check
 from .config import LlavaModelConfig
 from .generate import DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
 from .inputs import PromptEncoder, check_pairs, load_image
@@ -99,31 +100,39 @@ class LlavaEngine:
 
     def set_pruning(self, pruning) -> None:
         """Attach a pruning configuration (PruningConfig, dict or YAML path), or None for none.
-        Two-stage weights load from the config's `weights` safetensors file."""
-        self.plan = None
-        visual = self.cfg.num_visual_tokens
+        Two-stage weights load from the config's `weights` safetensors file. If the new
+        configuration cannot be used, the error is raised and the engine keeps its previous one."""
+        plan, visual = None, self.cfg.num_visual_tokens
         if pruning is not None:
             from ..pruning import PruningConfig, build_plan
-            self.plan = build_plan(PruningConfig.load(pruning), self.model, self.device, self.dtype)
-            visual = self.plan.visual_in_sequence
+
+            if isinstance(pruning, (str, os.PathLike)):
+                # the file's own problems (missing, a directory, a FIFO, unreadable, not UTF-8,
+                # not YAML) as one error naming the path, before its keys are read
+                from ..files import read_yaml
+                read_yaml(pruning, "pruning config")
+            elif not isinstance(pruning, (PruningConfig, dict)):
+                raise VtpruneError(f"pruning must be None, a PruningConfig, a dict or a YAML path, got "
+                                   f"{type(pruning).__name__}")
+            plan = build_plan(PruningConfig.load(pruning), self.model, self.device, self.dtype)
+            visual = plan.visual_in_sequence
         # the prompt holds one image token per visual token that enters the decoder
-        self.prompts = PromptEncoder(self.tokenizer, visual, self.cfg.image_token_index)
-        self._decode_state = None
+        prompts = PromptEncoder(self.tokenizer, visual, self.cfg.image_token_index)
+        self.plan, self.prompts, self._decode_state = plan, prompts, None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, pruning=None) -> "LlavaEngine":
         """Load a llava-hf directory (config.json, model*.safetensors, tokenizer, preprocessor)."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise CheckpointError(f"model directory not found: {path}")
-        if not os.path.isdir(path):
-            raise CheckpointError(f"model path is not a directory: {path}")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise CheckpointError(f"model directory is not readable: {path}")
+        from ..files import check_dir
+
+        try:  # missing, a file, unreadable, a symlink loop: one error naming the path and why
+            path = check_dir(path, "model directory")
+        except VtpruneError as e:
+            raise CheckpointError(str(e)) from None
         cfg = LlavaModelConfig.from_any(path)
-        tokenizer, image_processor = _load_processors(path)
+        tokenizer, image_processor = _load_processors(path, cfg)
         model = _build_on_meta(cfg)
         load_weights(model, path, device, dtype)
         model.decoder.rotary.reset_parameters(device)
@@ -150,12 +159,11 @@ class LlavaEngine:
         return engine
 
     # ------------------------------------------------------------------ inputs
-    def prepare(self, images, prompts, max_new_tokens: int = 0) -> PreparedBatch:
-        """Validate and encode one batch: pixel values and right-padded token ids on the device."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+    def prepare(self, images, prompts, max_new_tokens: int = 0, _reserved: str = "max_new_tokens") -> PreparedBatch:
+        """Validate and encode one batch: pixel values and right-padded token ids on the device.
+        `max_new_tokens`: positions to leave free after the longest prompt within the model's context."""
+        prompts, images = check.check_prompts(prompts), check.check_images(images)
+        max_new_tokens = check.check_int(max_new_tokens, _reserved, 0)
         check_pairs(images, prompts)
         # Several prompts about one image (the same path, or the same PIL object) share its
         # vision-tower pass: only distinct images are preprocessed and encoded.
@@ -170,13 +178,18 @@ class LlavaEngine:
         pil = [load_image(im, index.index(j), self.image_processor) for j, im in enumerate(distinct)]
         ids = [self.prompts.encode(p) for p in prompts]
         ctx = self.cfg.text.max_position_embeddings
+        # A two-stage merge keeps the unpruned RoPE positions (PruningPlan.position_offset): the
+        # context bounds the positions a prompt and its new tokens occupy, not the tokens kept.
+        offset = self._position_offset()
         for i, row in enumerate(ids):
-            if len(row) > ctx:
+            span = len(row) + offset
+            where = f" (at the positions of {self.cfg.num_visual_tokens} unpruned visual tokens)" if offset else ""
+            if span > ctx:
                 raise VtpruneError(f"prompt {i} is {len(row)} tokens ({self.prompts.num_visual_tokens} of them "
-                                   f"visual), longer than the model's context of {ctx}")
-            if len(row) + max_new_tokens > ctx:
-                raise VtpruneError(f"prompt {i} is {len(row)} tokens; with max_new_tokens={max_new_tokens} it "
-                                   f"exceeds the model's context of {ctx} (use max_new_tokens <= {ctx - len(row)})")
+                                   f"visual){where}, longer than the model's context of {ctx}")
+            if span + max_new_tokens > ctx:
+                raise VtpruneError(f"prompt {i} is {len(row)} tokens{where}; with {_reserved}={max_new_tokens} it "
+                                   f"exceeds the model's context of {ctx} (use {_reserved} <= {ctx - span})")
         T = max(len(r) for r in ids)
         input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
         for i, row in enumerate(ids):
@@ -199,16 +212,14 @@ class LlavaEngine:
     def generate(self, images, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | str | None = None,
                  use_cuda_graph: bool = True) -> list[GenerationResult]:
-        """Generate for a batch of (image, prompt) pairs in one pass; one result per prompt."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise VtpruneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise VtpruneError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise VtpruneError(f"top_p must be in (0, 1], got {top_p}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise VtpruneError("stop strings must be non-empty strings")
+        """Generate for a batch of (image, prompt) pairs in one pass; one result per prompt.
+        temperature 0 is greedy; otherwise it must be at least 1.2e-38 (arguments.MIN_TEMPERATURE).
+        `stop`: a string or a list / tuple / set of non-empty strings."""
+        # every argument is checked before any image is read (each error names its argument)
+        max_new_tokens = check.check_max_new_tokens(max_new_tokens)
+        temperature, top_p = check.check_temperature(temperature), check.check_top_p(top_p)
+        seed, stops = check.check_seed(seed), check.check_stops(stop)
+        use_cuda_graph = check.check_flag(use_cuda_graph, "use_cuda_graph")
 
         t0 = time.perf_counter()
         batch = self.prepare(images, prompts, max_new_tokens)
@@ -242,6 +253,17 @@ class LlavaEngine:
         Returns the generated ids per row (not yet cut at EOS/stop strings: see `_stop_index`),
         the perf_counter times at which the first token was ready and decoding ended, and the
         prefill's per-layer token counts (a PrefillTrace, or None without pruning)."""
+        if not isinstance(batch, PreparedBatch):
+            raise VtpruneError(f"batch must be a PreparedBatch (LlavaEngine.prepare), got {type(batch).__name__}")
+        max_new_tokens = check.check_max_new_tokens(max_new_tokens)
+        temperature, top_p = check.check_temperature(temperature), check.check_top_p(top_p)
+        seed, stops = check.check_seed(seed), check.check_stops(stops, "stops")
+        use_cuda_graph = check.check_flag(use_cuda_graph, "use_cuda_graph")
+        # rows are right-padded to T tokens: T + the offset bounds every row's positions
+        span, ctx = batch.input_ids.shape[1] + self._position_offset(), self.cfg.text.max_position_embeddings
+        if span + max_new_tokens > ctx:
+            raise VtpruneError(f"max_new_tokens={max_new_tokens} after prompts of {span} positions exceeds the "
+                               f"model's context of {ctx} (use max_new_tokens <= {max(ctx - span, 0)})")
         cache, step_fn = self._decoder_state(batch, max_new_tokens, use_cuda_graph)
         first_logits, trace = self._prefill(batch, cache)
         generator = None
@@ -266,18 +288,17 @@ class LlavaEngine:
         [(sum of token log-probs, whether greedy decoding would produce exactly it)]. The
         continuation is teacher-forced through the KV cache, token by token, as generation
         would read it (its tokens are those of prompt + continuation after the prompt's)."""
-        if isinstance(continuations, str):
-            continuations = [continuations]
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if len(continuations) != len(prompts):
-            raise VtpruneError(f"got {len(prompts)} prompts and {len(continuations)} continuations")
+        prompts = check.check_prompts(prompts)
+        continuations = check.check_continuations(continuations, len(prompts))
+        use_cuda_graph = check.check_flag(use_cuda_graph, "use_cuda_graph")
+        images = check.check_images(images)
+        check_pairs(images, prompts)  # the prompts' types and placeholders, before they are tokenized
         conts = [self.prompts.continuation(p, c) for p, c in zip(prompts, continuations)]
-        for c, cont in zip(continuations, conts):
+        for i, (c, cont) in enumerate(zip(continuations, conts)):
             if not cont:
-                raise VtpruneError(f"continuation {c!r} has no tokens")
+                raise VtpruneError(f"continuations[{i}] {c!r} has no tokens")
         n = max(len(c) for c in conts)
-        batch = self.prepare(images, prompts, n)
+        batch = self.prepare(images, prompts, n, _reserved="continuation tokens")
         cache, step_fn = self._decoder_state(batch, n, use_cuda_graph)
         logits, _ = self._prefill(batch, cache)
         B = len(conts)
@@ -301,6 +322,9 @@ class LlavaEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ internals
+    def _position_offset(self) -> int:
+        return self.plan.position_offset if self.plan is not None else 0
+
     def _prefill(self, batch: PreparedBatch, cache):
         if self.plan is None:
             return prefill(self.model, batch, cache, self.share_prefix), None
@@ -359,7 +383,7 @@ class LlavaEngine:
         _, cache, runner, base_positions = self._decode_state
         # generated tokens follow the prompt's last RoPE position (a two-stage merge keeps the
         # original positions: PruningPlan.position_offset)
-        base_positions.copy_(batch.lengths + (self.plan.position_offset if self.plan is not None else 0))
+        base_positions.copy_(batch.lengths + self._position_offset())
         if runner is not None:
             return cache, runner
         step = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -384,21 +408,75 @@ def _image_key(im):
     return ("obj", id(im))
 
 
-def _load_processors(path: str):
+# JSON files of a model directory that transformers reads for the tokenizer and image processor:
+# each is read here first, so that a bad one (not UTF-8, not JSON, a directory, unreadable, a
+# symlink loop, a FIFO) is one CheckpointError naming it instead of a traceback from transformers.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+_PROCESSOR_JSON = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_model_files(path: str) -> None:
+    from ..files import check_file, read_bytes
+    from .config import read_model_json
+
+    def exists(name):
+        return os.path.lexists(os.path.join(path, name))
+
+    if not any(exists(f) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {path}")
+    if not any(exists(f) for f in _PROCESSOR_JSON):
+        raise CheckpointError(f"no preprocessor_config.json (or processor_config.json) in {path}")
+    for name in _TOKENIZER_JSON + _PROCESSOR_JSON:
+        if not exists(name):
+            continue
+        file = os.path.join(path, name)
+        data = read_model_json(file, name)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{name} {file}: expected a JSON object, got {type(data).__name__}")
+        if "auto_map" in data:  # custom tokenizer / processor classes are code shipped with the model
+            raise CheckpointError(f"{name} {file}: 'auto_map' names custom code, which is never run "
+                                  f"(no trust_remote_code); use a model with the standard LLaVA processor")
+    for name in ("tokenizer.model", "merges.txt"):  # binary / text files of slow tokenizers
+        if exists(name):
+            try:
+                read_bytes(check_file(os.path.join(path, name), name), name)
+            except VtpruneError as e:
+                raise CheckpointError(str(e)) from None
+
+
+def _load_processors(path: str, cfg: LlavaModelConfig | None = None):
+    """The tokenizer and image processor of a model directory, with transformers' own classes
+    (local files only, no remote code); with `cfg`, checked against the model: the tokenizer's ids
+    fit the vocabulary and the processor makes images of the vision tower's size."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
-                                                              "tokenizer_config.json")):
-        raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {path}")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json",
-                                                              "processor_config.json")):
-        raise CheckpointError(f"no preprocessor_config.json (or processor_config.json) in {path}")
+    _check_model_files(path)
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot load tokenizer/image processor from {path}: {e}") from None
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers / tokenizers parse the model's files, any error is theirs
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"cannot load tokenizer/image processor from {path}: {msg}") from None
+    if cfg is not None:
+        if len(tokenizer) > cfg.text.vocab_size:
+            raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens, more than "
+                                  f"text_config.vocab_size ({cfg.text.vocab_size}) in config.json")
+        from PIL import Image
+
+        size = cfg.vision.image_size
+        try:
+            with _quiet_transformers():
+                shape = tuple(image_processor(images=[Image.new("RGB", (size, size))],
+                                              return_tensors="pt")["pixel_values"].shape)
+        except Exception as e:  # noqa: BLE001 - the processor's settings come from the model's JSON
+            raise CheckpointError(f"{path}: the image processor fails on a {size}x{size} image "
+                                  f"({' '.join(str(e).split())})") from None
+        if shape != (1, 3, size, size):
+            raise CheckpointError(f"{path}: the image processor makes images of shape {list(shape[1:])}, the "
+                                  f"vision tower needs [3, {size}, {size}] (vision_config.image_size; check "
+                                  f"crop_size / size in preprocessor_config.json)")
     return tokenizer, image_processor
 
 
@@ -412,12 +490,18 @@ def _default_image_processor(image_size: int):
 
 def _eos_ids(path: str, cfg: LlavaModelConfig, tokenizer) -> tuple[int, ...]:
     """EOS ids as transformers' generate picks them: generation_config.json first."""
+    from .config import _Section, _token_ids, read_model_json
+
     gen = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen):
-        with open(gen, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if os.path.lexists(gen):
+        data = read_model_json(gen, "generation_config.json")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"generation_config.json {gen}: expected a JSON object, got "
+                                  f"{type(data).__name__}")
+        eos = _token_ids(data.get("eos_token_id"), "eos_token_id", cfg.text.vocab_size,
+                         _Section(data, "", f"generation_config.json {gen}"))
+        if eos:
+            return eos
     if cfg.text.eos_token_id:
         return cfg.text.eos_token_id
     return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()

@@ -13,7 +13,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     """logits [B, V] -> token ids [B] (int64)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # first maximum on ties, as transformers' greedy search
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted by the row's maximum first: (logits - max) <= 0, so dividing by a tiny temperature
+    # gives 0 at the maximum and at worst -inf elsewhere (exp -> 0), never inf - inf = NaN; at
+    # T = 1e-30 the unshifted logits / T overflow float32 and softmax returns NaN. Mathematically
+    # the same distribution (softmax is shift-invariant). T >= 1.2e-38 is guaranteed by the
+    # callers (arguments.check_temperature), so T is a normal float32 and never rounds to 0.
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).

@@ -6,12 +6,16 @@ when the engine attaches the config; everything else when the file is read. Erro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
 from ..errors import VtpruneError
+from ..files import read_yaml
+from ..validate import check_int, check_number, is_int, is_number, show, type_name, yaml_number
 
 POLICIES = ("two_stage", "fastv", "pdrop", "visionzip", "random")
+OPTIMIZERS = ("token_merger", "layer_pruners", "discriminator")
 
 
 def _default_optimizers():
@@ -62,52 +66,57 @@ class PruningConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "PruningConfig":
-        import yaml
-
+        """Read and check a YAML file (`yaml.safe_load`: plain data only). A relative `weights`
+        path is relative to the YAML file; the weights file must exist when the config is read."""
+        if isinstance(path, (str, os.PathLike)) and not os.path.lexists(os.fspath(path)):
+            raise VtpruneError(f"pruning config not found: {os.fspath(path)}")
+        data = read_yaml(path, "pruning config")
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise VtpruneError(f"pruning config not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise VtpruneError(f"{path} is not valid YAML: {e}") from None
+        where = f"pruning config {path}"
+        if data is None:  # an empty file: every default
+            data = {}
         if not isinstance(data, dict):
-            raise VtpruneError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
-        cfg = cls.from_dict(data, where=path)
-        if cfg.weights and not os.path.isabs(cfg.weights):
-            cfg.weights = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.weights)
-        return cfg
+            raise VtpruneError(f"{where}: expected a mapping of keys (policy: ..., merge_ratio: ...), got "
+                               f"{type_name(data)}")
+        weights = data.get("weights")
+        if isinstance(weights, str) and weights and not os.path.isabs(weights):
+            data = dict(data, weights=os.path.join(os.path.dirname(os.path.abspath(path)), weights))
+        return cls.from_dict(data, where=where)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "pruning config") -> "PruningConfig":
+        if not isinstance(data, dict):
+            raise VtpruneError(f"{where}: expected a mapping of keys, got {type_name(data)}")
+        for k in data:
+            if not isinstance(k, str):
+                raise VtpruneError(f"{where}: key {show(k)} is not a string (keys are names such as 'policy')")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise VtpruneError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
         data = dict(data)
         for f in dataclasses.fields(cls):  # PyYAML reads 1e-4 (no '.') as a string
-            if f.name in data and f.type == "float" and isinstance(data[f.name], str):
-                try:
-                    data[f.name] = float(data[f.name])
-                except ValueError:
-                    raise VtpruneError(f"{where}: '{f.name}' must be a number, got {data[f.name]!r}") from None
+            if f.name in data and f.type == "float":
+                data[f.name] = yaml_number(data[f.name])
         if isinstance(data.get("optimizers"), dict):
-            for spec in data["optimizers"].values():
-                if isinstance(spec, dict) and isinstance(spec.get("lr"), str):
-                    try:
-                        spec["lr"] = float(spec["lr"])
-                    except ValueError:
-                        pass  # reported by check()
+            # entries not given keep their defaults; each given entry's lr may be PyYAML's "1e-4"
+            opts = _default_optimizers()
+            for name, spec in data["optimizers"].items():
+                opts[name] = ({k: (yaml_number(v) if k == "lr" else v) for k, v in spec.items()}
+                              if isinstance(spec, dict) else spec)
+            data["optimizers"] = opts
         cfg = cls(**data)
-        cfg.check()
+        cfg.check(where)
+        if cfg.weights:
+            cfg.check_weights_file(where)
         return cfg
-
     @classmethod
     def load(cls, spec) -> "PruningConfig":
         """A PruningConfig, a dict, or a YAML path."""
         if isinstance(spec, cls):
             spec.check()
+            if spec.weights:
+                spec.check_weights_file()
             return spec
         if isinstance(spec, dict):
             return cls.from_dict(spec)
@@ -137,64 +146,95 @@ class PruningConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def check(self) -> None:
-        def bad(key, msg):
-            raise VtpruneError(f"pruning config: '{key}' {msg}")
+    def check(self, where: str = "pruning config") -> None:
+        """Every field's type and range (vtprune/validate.py: no bools for numbers, no NaN or inf);
+        the error names the key."""
+        w = f"{where}: "
 
-        if self.policy not in POLICIES:
-            bad("policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.policy != "two_stage" and (not isinstance(self.budget, int) or self.budget < 1):
-            bad("budget", f"must be a positive integer for policy '{self.policy}', got {self.budget!r}")
-        if self.merger_type not in ("simple", "question_aware"):
-            bad("merger_type", f"must be 'simple' or 'question_aware', got {self.merger_type!r}")
-        if not isinstance(self.merge_ratio, (int, float)) or not 0 < self.merge_ratio <= 1:
-            bad("merge_ratio", f"must be in (0, 1], got {self.merge_ratio!r}")
-        if not isinstance(self.proportional_attention, bool):
-            bad("proportional_attention", f"must be true or false, got {self.proportional_attention!r}")
-        for key in ("merge_locality", "selection_logit_scale"):  # optional strengths, 0 switches them off
+        def bad(key, msg):
+            raise VtpruneError(f"{w}'{key}' {msg}")
+
+        def integer(key, lo=1):
+            check_int(getattr(self, key), f"'{key}'", lo, where=w)
+
+        def number(key, lo, hi=None, lo_open=False, hi_open=False, want=None):
+            check_number(getattr(self, key), f"'{key}'", lo, hi, lo_open=lo_open, hi_open=hi_open, where=w,
+                         want=want)
+
+        def choice(key, choices):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                bad(key, f"must be a number >= 0 (0: off), got {v!r}")
-        if not isinstance(self.target_merge_tokens, int) or self.target_merge_tokens < 1:
-            bad("target_merge_tokens", f"must be a positive integer, got {self.target_merge_tokens!r}")
+            if not isinstance(v, str) or v not in choices:
+                want = " or ".join(f"'{c}'" for c in choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+                bad(key, f"must be {want}, got {show(v)}")
+
+        choice("policy", POLICIES)
+        if self.budget is not None or self.policy != "two_stage":
+            if not is_int(self.budget) or self.budget < 1:
+                bad("budget", f"must be a positive integer for policy '{self.policy}', got {show(self.budget)}"
+                    if self.policy != "two_stage" else f"must be a positive integer (or null), got {show(self.budget)}")
+        choice("merger_type", ("simple", "question_aware"))
+        number("merge_ratio", 0, 1, lo_open=True, want="in (0, 1]")
+        if not isinstance(self.proportional_attention, bool):
+            bad("proportional_attention", f"must be true or false, got {show(self.proportional_attention)}")
+        for key in ("merge_locality", "selection_logit_scale"):  # optional strengths, 0 switches them off
+            number(key, 0, want="a number >= 0 (0: off)")
+        integer("target_merge_tokens")
         layers = self.pruning_layers
-        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-            bad("pruning_layers", f"must be a list of layer indices, got {layers!r}")
+        if not isinstance(layers, list) or not all(is_int(i) for i in layers):
+            bad("pruning_layers", f"must be a list of decoder layer indices (integers), got {show(layers)}")
         if any(b <= a for a, b in zip(layers, layers[1:])):
-            bad("pruning_layers", f"must be strictly increasing, got {layers}")
+            bad("pruning_layers", f"must be strictly increasing (distinct layers, in order), got {layers}")
         if any(i < 1 for i in layers):
             bad("pruning_layers", f"must be >= 1 (layer 0 is before the decoder: that is the merger), got {layers}")
         keeps = self.layer_keep_tokens
-        if not isinstance(keeps, list) or len(keeps) != len(layers) or not all(isinstance(k, int) and k >= 1
-                                                                              for k in keeps):
-            bad("layer_keep_tokens", f"must be one positive integer per pruning layer ({len(layers)}), got {keeps!r}")
+        if not isinstance(keeps, list) or len(keeps) != len(layers) or not all(is_int(k) and k >= 1 for k in keeps):
+            bad("layer_keep_tokens", f"must be one positive integer per pruning layer ({len(layers)}), got "
+                                     f"{show(keeps)}")
         if any(b > a for a, b in zip(keeps, keeps[1:])):
             bad("layer_keep_tokens", f"must not increase from layer to layer, got {keeps}")
-        if self.keep_mode not in ("topk", "threshold"):
-            bad("keep_mode", f"must be 'topk' or 'threshold', got {self.keep_mode!r}")
-        if not 0 < self.keep_threshold < 1:
-            bad("keep_threshold", f"must be in (0, 1), got {self.keep_threshold!r}")
-        if self.pruner_d_internal < 1 or self.pruner_d_internal % self.pruner_num_heads:
-            bad("pruner_d_internal", f"must be a positive multiple of pruner_num_heads ({self.pruner_num_heads})")
-        if not 0 < self.temperature_min <= self.temperature:
-            bad("temperature_min", f"must be in (0, temperature = {self.temperature}], got {self.temperature_min}")
-        if not 0 < self.temperature_anneal_rate <= 1:
-            bad("temperature_anneal_rate", f"must be in (0, 1], got {self.temperature_anneal_rate}")
-        if self.mask_gradient not in ("logit", "value"):
-            bad("mask_gradient", f"must be 'logit' or 'value', got {self.mask_gradient!r}")
-        if self.task_loss_average not in ("example", "token"):
-            bad("task_loss_average", f"must be 'token' or 'example', got {self.task_loss_average!r}")
+        choice("keep_mode", ("topk", "threshold"))
+        number("keep_threshold", 0, 1, lo_open=True, hi_open=True, want="in (0, 1)")
+        integer("pruner_num_heads")
+        integer("pruner_d_internal")
+        if self.pruner_d_internal % self.pruner_num_heads:
+            bad("pruner_d_internal", f"must be a positive multiple of pruner_num_heads ({self.pruner_num_heads}), "
+                                     f"got {self.pruner_d_internal}")
+        number("temperature", 0, lo_open=True, want="a number > 0")
+        if not is_number(self.temperature_min) or not math.isfinite(self.temperature_min) \
+                or not 0 < self.temperature_min <= self.temperature:
+            bad("temperature_min", f"must be in (0, temperature = {self.temperature:g}], got "
+                                   f"{show(self.temperature_min)}")
+        number("temperature_anneal_rate", 0, 1, lo_open=True, want="in (0, 1]")
+        choice("mask_gradient", ("logit", "value"))
+        choice("task_loss_average", ("token", "example"))
         for key in ("adv_loss_weight", "task_loss_weight", "merge_sparsity_weight"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
-                bad(key, f"must be a number >= 0, got {getattr(self, key)!r}")
+            number(key, 0, want="a number >= 0")
         if not isinstance(self.optimizers, dict):
-            bad("optimizers", "must be a mapping")
-        for name in self.optimizers:
-            if name not in ("token_merger", "layer_pruners", "discriminator"):
-                bad("optimizers", f"has unknown entry '{name}' (token_merger, layer_pruners, discriminator)")
-            lr = (self.optimizers[name] or {}).get("lr")
-            if not isinstance(lr, (int, float)) or lr <= 0:
-                bad(f"optimizers.{name}.lr", f"must be a number > 0, got {lr!r}")
+            bad("optimizers", f"must be a mapping (token_merger, layer_pruners, discriminator -> {{lr: ...}}), "
+                              f"got {type_name(self.optimizers)}")
+        for name, spec in self.optimizers.items():
+            if name not in OPTIMIZERS:
+                bad("optimizers", f"has unknown entry {show(name)} ({', '.join(OPTIMIZERS)})")
+            if not isinstance(spec, dict):
+                bad(f"optimizers.{name}", f"must be a mapping such as {{lr: 1.0e-4}}, got {show(spec)}")
+            for k in spec:
+                if k != "lr":
+                    bad(f"optimizers.{name}", f"has unknown key {show(k)} (only 'lr' is read)")
+            check_number(spec.get("lr"), f"'optimizers.{name}.lr'", 0, lo_open=True, where=w, want="a number > 0")
+        for name in OPTIMIZERS:
+            if name not in self.optimizers:
+                bad("optimizers", f"has no entry '{name}'")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            bad("weights", f"must be the path of a .safetensors file (or null), got {show(self.weights)}")
+
+    def check_weights_file(self, where: str = "pruning config") -> None:
+        """The `weights` file exists, is a regular file and a safetensors file (its header is read)."""
+        from ..engine.weights import safetensors_header
+
+        try:
+            safetensors_header(self.weights, "pruning weights")
+        except VtpruneError as e:
+            raise VtpruneError(f"{where}: 'weights': {e}") from None
 
     def check_against_model(self, num_visual_tokens: int, num_layers: int) -> None:
         def bad(key, msg):

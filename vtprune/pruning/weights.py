@@ -4,10 +4,8 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
 from .modules import PruningModules
 
 
@@ -18,27 +16,12 @@ def save_pruning_weights(modules: PruningModules, path: str) -> None:
 
 
 def load_pruning_weights(modules: PruningModules, path: str) -> None:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"pruning weights not found: {path}")
+    """Load the merger / pruner weights; names, shapes and dtypes are checked from the file's header
+    before any tensor is read, and a mismatch with the config names the tensor."""
+    from ..engine.weights import read_tensors
+
     expected = modules.state_dict()
-    loaded = {}
-    try:
-        f = safe_open(path, framework="pt", device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"cannot read pruning weights {path}: {e}") from None
-    with f:
-        for key in f.keys():
-            if key not in expected:
-                raise CheckpointError(f"pruning weights {path}: unexpected tensor '{key}' (does the config's "
-                                      f"merger_type / pruning_layers / pruner_d_internal match the file?)")
-            t = f.get_tensor(key)
-            if tuple(t.shape) != tuple(expected[key].shape):
-                raise CheckpointError(f"pruning weights {path}: tensor '{key}' has shape {list(t.shape)}, "
-                                      f"expected {list(expected[key].shape)} for this config")
-            loaded[key] = t
-    missing = [k for k in expected if k not in loaded]
-    if missing:
-        raise CheckpointError(f"pruning weights {path}: missing tensor '{missing[0]}'"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    loaded = read_tensors(path, "pruning weights", {k: tuple(v.shape) for k, v in expected.items()},
+                          hint=" (do the config's merger_type / pruning_layers / pruner_d_internal match the file?)")
     with torch.no_grad():
         modules.load_state_dict(loaded)

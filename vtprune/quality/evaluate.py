@@ -13,6 +13,7 @@ entering each layer (the budget unit of pruning papers).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,9 +47,10 @@ class EvalResult:
 
 
 def load_records(path: str):
+    """The file's usable records (bad lines are skipped with a warning: training/data.py)."""
     from ..training.data import TrainingData
 
-    return TrainingData(path).examples
+    return TrainingData(path, what="eval data").examples
 
 
 def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tokens: int = 32,
@@ -84,11 +86,14 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
     L = engine.cfg.text.num_layers
     per_layer = [sum(r.stats["visual_tokens_per_layer"][i] for _, r in rows) / len(rows) for i in range(L)]
     if predictions_path:
-        with open(predictions_path, "w", encoding="utf-8") as f:
-            for e, r in rows:
-                f.write(json.dumps({"id": e.id, "line": e.line, "type": e.kind, "question": e.question,
-                                    "answer": e.answer, "prediction": r.text,
-                                    "correct": None if e.kind == CAPTION else exact_match(r.text, e.answer)}) + "\n")
+        from ..files import make_output_dir
+
+        make_output_dir(os.path.dirname(os.path.abspath(predictions_path)), "predictions directory")
+        _write_text(predictions_path, "predictions file", "".join(
+            json.dumps({"id": e.id, "line": e.line, "type": e.kind, "question": e.question, "answer": e.answer,
+                        "prediction": r.text,
+                        "correct": None if e.kind == CAPTION else exact_match(r.text, e.answer)}) + "\n"
+            for e, r in rows))
     return EvalResult(
         name=name or policy, policy=policy, n_questions=len(qa), n_captions=len(caps),
         accuracy=100.0 * sum(correct) / len(correct) if correct else None,
@@ -177,20 +182,44 @@ def environment(engine) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = False) -> dict:
-    """out.json, out.md (and out.png with plot): returns the written paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+def output_paths(out: str, plot: bool = False) -> dict:
+    """The files write_outputs writes for the stem `out` (a trailing .json is dropped)."""
     base = out[:-5] if out.endswith(".json") else out
-    data = {"meta": meta, "results": [r.__dict__ for r in results], "skipped": meta.pop("skipped", [])}
     paths = {"json": base + ".json", "md": base + ".md"}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
+    if plot:
+        paths["png"] = base + ".png"
+    return paths
+
+
+def _write_text(path: str, what: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed into place, so that a failed
+    write (disk full, permission) leaves no half-written file and an earlier file intact."""
+    from ..files import fs_error
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise fs_error(what, path if e.filename in (None, tmp, path) else e.filename, e) from None
+
+
+def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = False) -> dict:
+    """out.json, out.md (and out.png with plot): returns the written paths. Missing parent
+    directories are created; a file-system problem is one VtpruneError naming the path."""
+    from ..files import make_output_dir
+
+    make_output_dir(os.path.dirname(os.path.abspath(out)), "--out directory")
+    data = {"meta": meta, "results": [r.__dict__ for r in results], "skipped": meta.pop("skipped", [])}
+    paths = output_paths(out)
+    _write_text(paths["json"], "results file", json.dumps(data, indent=1))
     header = (f"Evaluation of {meta.get('model')} on {meta.get('data')} ({meta.get('n_records')} records), "
               f"{meta.get('device_name')} ({meta.get('device')}, {meta.get('dtype')}), {meta.get('date')}\n")
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write(to_markdown(results, header))
-        for sk in data["skipped"]:
-            f.write(f"\nNot run: {sk['name']}: {sk['reason']}\n")
+    _write_text(paths["md"], "results file", to_markdown(results, header)
+                + "".join(f"\nNot run: {sk['name']}: {sk['reason']}\n" for sk in data["skipped"]))
     if plot:
         from .plot import line_chart
 
@@ -203,7 +232,7 @@ def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = 
                 unpruned = ("unpruned", r.accuracy)
                 continue
             series.setdefault(r.name.split("@")[0], []).append((r.avg_visual_tokens, r.accuracy))
-        paths["png"] = line_chart(series, base + ".png", "Accuracy vs visual tokens per layer",
+        paths["png"] = line_chart(series, output_paths(out, plot=True)["png"], "Accuracy vs visual tokens per layer",
                                   "visual tokens per decoder layer (average)", "accuracy %", hline=unpruned)
     return paths
 

@@ -38,7 +38,11 @@ def select(model: str, config: str, data: str, val: str, out: str, steps: int, e
     from ..training.trainer import Trainer, TrainSettings
     from .evaluate import evaluate, load_records
 
-    if every < 1 or steps < every:
+    from ..validate import check_int
+
+    check_int(steps, "--steps", 1)
+    check_int(every, "--every", 1)
+    if steps < every:
         raise VtpruneError(f"select_heads: need 1 <= --every <= --steps, got every={every}, steps={steps}")
     examples = load_records(val)
     tr = Trainer(TrainSettings(model=model, config=config, data=data, out=out, steps=steps, batch_size=batch_size,
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
         best = select(a.model, a.config, a.data, a.val, a.out, a.steps, a.every, a.batch_size, a.seed,
                       not a.no_progress)
     except VtpruneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"select_heads: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(best))
     return 0

@@ -343,9 +343,81 @@ def save(model, tokenizer, out: str, meta: dict) -> None:
         json.dump(meta, f, indent=1)
 
 
-def main(argv=None) -> int:
+def load_init_model(path: str):
+    """The model of `--init-from`: a directory this script saved. Checked first with the engine's
+    own readers (config.json, safetensors headers, shard names), then loaded by transformers from
+    safetensors only (`use_safetensors=True`: a directory holding only pytorch_model.bin is refused,
+    never unpickled), from local files, without remote code."""
+    from ..engine.config import LlavaModelConfig
+    from ..engine.engine import _quiet_transformers
+    from ..engine.weights import checkpoint_files, safetensors_header
+    from ..errors import CheckpointError, VtpruneError
+    from ..files import check_dir
+
+    try:
+        path = check_dir(path, "--init-from model directory")
+    except VtpruneError as e:
+        raise CheckpointError(str(e)) from None
+    LlavaModelConfig.from_any(path)
+    for f in checkpoint_files(path):
+        safetensors_header(f, "checkpoint file")
     from transformers import LlavaForConditionalGeneration
 
+    try:
+        with _quiet_transformers():
+            return LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True,
+                                                                 trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--init-from {path}: {' '.join(str(e).split())}") from None
+
+
+def load_prefixed(module, prefix: str, state: dict, path: str) -> None:
+    """module's tensors from `state` (keys `prefix` + name), every name and shape checked."""
+    from ..errors import CheckpointError
+
+    expected = module.state_dict()
+    got = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for k in expected:
+        if k not in got:
+            raise CheckpointError(f"{path}: missing tensor '{prefix}{k}'")
+        if tuple(got[k].shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{path}: tensor '{prefix}{k}' has shape {list(got[k].shape)}, expected "
+                                  f"{list(expected[k].shape)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor '{prefix}{extra[0]}'")
+    module.load_state_dict(got)
+
+
+def _check_args(a) -> None:
+    from ..validate import check_int, check_number
+
+    for key, lo in (("steps_a", 0), ("steps_b", 1), ("batch_a", 1), ("batch_b", 1), ("first_image", 0),
+                    ("left_right_pairs", 0), ("save_every", 0), ("seed", 0)):
+        check_int(getattr(a, key), "--" + key.replace("_", "-"), lo, 2**63 - 1)
+    for key in ("stop_after", "threads"):
+        if getattr(a, key) is not None:
+            check_int(getattr(a, key), "--" + key.replace("_", "-"), 1)
+    check_number(a.lr_b, "--lr-b", 0, lo_open=True, want="a number > 0")
+    check_number(a.curriculum, "--curriculum", 0, 1, want="a fraction in [0, 1]")
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from ..errors import VtpruneError
+
+    try:
+        return _main(argv)
+    except VtpruneError as e:
+        print(f"train_base: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
+    from ..engine.weights import read_tensors
+    from ..errors import CheckpointError
+    from ..files import make_output_dir
     from ..tiny_model import build_tokenizer
 
     p = argparse.ArgumentParser(description="train the SynthVQA LLaVA from scratch")
@@ -372,15 +444,27 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    _check_args(a)
+    # every input is checked before the tokenizer is learnt and anything is written
+    model = load_init_model(a.init_from).train() if a.init_from else None
+    head_file = None
+    if a.init_from:
+        heads = [os.path.join(a.init_from, f) for f in ("dense_head.safetensors", "stage_a.safetensors")]
+        head_file = next((f for f in heads if os.path.lexists(f)), None)
+        if head_file is None:
+            raise CheckpointError(f"--init-from {a.init_from}: no dense_head.safetensors or stage_a.safetensors "
+                                  f"(the label head this script saves next to the model)")
+        head_state = read_tensors(head_file, "label head")
+    vision_state = read_tensors(a.vision_from, "--vision-from") if a.vision_from else None
+    make_output_dir(a.out, "--out")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     tok = build_tokenizer(384, sv.vocabulary_text())
-    if a.init_from:
-        model = LlavaForConditionalGeneration.from_pretrained(a.init_from).train()
-    else:
+    if model is None:
+        from transformers import LlavaForConditionalGeneration
+
         model = LlavaForConditionalGeneration(build_config(tok)).train()
-    os.makedirs(a.out, exist_ok=True)
     log_path = os.path.join(a.out, "base_training_log.jsonl")
     logf = open(log_path, "w", encoding="utf-8")
 
@@ -390,25 +474,20 @@ def main(argv=None) -> int:
         logf.flush()
 
     t = time.time()
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     def prefixed(prefix: str, module) -> dict:
         return {prefix + k: v.contiguous() for k, v in module.state_dict().items()}
 
-    def load_prefixed(module, prefix: str, state: dict) -> None:
-        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-
     vision = model.model.vision_tower
     head = dense_head(vision.config.hidden_size)
     if a.init_from:
-        heads = [os.path.join(a.init_from, f) for f in ("dense_head.safetensors", "stage_a.safetensors")]
-        load_prefixed(head, "head.", load_file(next(f for f in heads if os.path.exists(f))))
+        load_prefixed(head, "head.", head_state, head_file)
     else:
         init_vision_positions(vision)
     if a.vision_from:
-        state = load_file(a.vision_from)
-        load_prefixed(vision, "vision.", state)
-        load_prefixed(head, "head.", state)
+        load_prefixed(vision, "vision.", vision_state, a.vision_from)
+        load_prefixed(head, "head.", vision_state, a.vision_from)
     if a.steps_a:
         head = stage_a(model, a.steps_a, a.batch_a, sv.SPLIT_SEEDS["train"], log, head)
         save_file({**prefixed("vision.", vision), **prefixed("head.", head)}, os.path.join(a.out, "stage_a.safetensors"))

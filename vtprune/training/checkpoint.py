@@ -6,7 +6,8 @@
     OUT/checkpoint/state.json                 step, the optimizers' param_groups, the run's settings
 
 A checkpoint is written to OUT/checkpoint.tmp and renamed into place, so a run killed while
-saving keeps its previous checkpoint.
+saving keeps its previous checkpoint. Loading checks every file (safetensors headers, state.json's
+structure, each tensor's name and shape) before restoring anything.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..engine.weights import read_tensors
+from ..errors import CheckpointError, VtpruneError
+from ..files import read_json
 from ..pruning.weights import load_pruning_weights, save_pruning_weights
+from ..validate import is_int, show, type_name
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -59,43 +63,81 @@ def save_checkpoint(out_dir: str, step: int, modules, discriminator, optimizers:
 
 
 def read_state(out_dir: str) -> dict | None:
+    """OUT/checkpoint/state.json, checked (a JSON object with an integer step >= 0, the optimizers'
+    param_groups and the run's settings), or None when there is no checkpoint."""
     path = os.path.join(out_dir, CHECKPOINT_DIR, "state.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        state = read_json(path, "training checkpoint")
+    except VtpruneError as e:
+        raise CheckpointError(str(e)) from None
+
+    def bad(msg):
+        raise CheckpointError(f"training checkpoint {path}: {msg} (a corrupt checkpoint: restore it, or start "
+                              f"a new run in another --out)")
+
+    if not isinstance(state, dict):
+        bad(f"expected a JSON object, got {type_name(state)}")
+    if not is_int(state.get("step")) or state["step"] < 0:
+        bad(f"'step' must be an integer >= 0, got {show(state.get('step'))}")
+    if not isinstance(state.get("settings"), dict):
+        bad(f"'settings' must be a JSON object, got {show(state.get('settings'))}")
+    opts = state.get("optimizers")
+    if not isinstance(opts, dict):
+        bad(f"'optimizers' must be a JSON object, got {show(opts)}")
+    for name, spec in opts.items():
+        groups = spec.get("param_groups") if isinstance(spec, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups):
+            bad(f"'optimizers.{name}.param_groups' must be a list of parameter groups, got {show(groups)}")
+    return state
 
 
 def load_checkpoint(out_dir: str, modules, discriminator, optimizers: dict) -> int:
-    """Restore modules, discriminator and optimizers in place; returns the step to continue from."""
+    """Restore modules, discriminator and optimizers in place; returns the step to continue from.
+    Every tensor's name and shape is checked against this run's modules before anything is loaded."""
     ckpt = os.path.join(out_dir, CHECKPOINT_DIR)
     state = read_state(out_dir)
     if state is None:
         raise CheckpointError(f"no checkpoint to resume in {out_dir} (expected {ckpt}/state.json)")
     load_pruning_weights(modules, os.path.join(ckpt, "pruning.safetensors"))
-    try:
-        d_state = load_file(os.path.join(ckpt, "discriminator.safetensors"))
-        discriminator.load_state_dict(d_state)
-        tensors = load_file(os.path.join(ckpt, "optimizers.safetensors"))
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load checkpoint {ckpt}: {e}") from None
+    d_state = read_tensors(os.path.join(ckpt, "discriminator.safetensors"), "checkpoint discriminator",
+                           {k: tuple(v.shape) for k, v in discriminator.state_dict().items()})
+    discriminator.load_state_dict(d_state)
+    opt_path = os.path.join(ckpt, "optimizers.safetensors")
+    tensors = read_tensors(opt_path, "checkpoint optimizer state")
+    restored = []
     for name, opt in optimizers.items():
         if name not in state["optimizers"]:
             raise CheckpointError(f"checkpoint {ckpt} has no state for optimizer '{name}'")
+        params = [p for g in opt.param_groups for p in g["params"]]
         per_param: dict[int, dict] = {}
         prefix = name + "."
         for key, t in tensors.items():
-            if key.startswith(prefix):
-                pid, field = key[len(prefix):].split(".", 1)
-                per_param.setdefault(int(pid), {})[field] = t
+            if not key.startswith(prefix):
+                continue
+            pid, _, field = key[len(prefix):].partition(".")
+            if not pid.isdigit() or not field or int(pid) >= len(params):
+                raise CheckpointError(f"checkpoint optimizer state {opt_path}: tensor '{key}' names no parameter "
+                                      f"of optimizer '{name}' ({len(params)} parameters)")
+            # Adam's moments have their parameter's shape (load_state_dict does not check it, and
+            # the first step would fail); 'step' is a scalar
+            if t.dim() > 0 and tuple(t.shape) != tuple(params[int(pid)].shape):
+                raise CheckpointError(f"checkpoint optimizer state {opt_path}: tensor '{key}' has shape "
+                                      f"{list(t.shape)}, its parameter {list(params[int(pid)].shape)}")
+            per_param.setdefault(int(pid), {})[field] = t
+            restored.append(key)
         groups = state["optimizers"][name]["param_groups"]
         for g in groups:  # JSON turns tuples (betas) into lists
-            g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
+            g.update({k: tuple(v) for k, v in g.items() if k == "betas" and isinstance(v, list)})
         try:
             opt.load_state_dict({"state": per_param, "param_groups": groups})
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {ckpt}: optimizer '{name}' does not match this run: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: optimizer '{name}' does not match this run: "
+                                  f"{' '.join(str(e).split())}") from None
+    extra = sorted(set(tensors) - set(restored))
+    if extra:
+        raise CheckpointError(f"checkpoint optimizer state {opt_path}: tensor '{extra[0]}' belongs to no "
+                              f"optimizer of this run ({', '.join(optimizers)})")
     return int(state["step"])

@@ -27,9 +27,11 @@ import torch
 
 from ..engine.generate import PreparedBatch, vision_features
 from ..errors import CheckpointError, VtpruneError
+from ..files import check_output_dir
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
 from ..pruning.weights import save_pruning_weights
+from ..validate import check_bool, check_choice, check_int, check_number, show
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .data import TrainingData
 from .discriminator import Discriminator
@@ -60,6 +62,32 @@ class TrainSettings:
     # settings a resumed run must share with the run it continues
     RESUME_KEYS = ("steps", "batch_size", "seed", "adv_loss", "world_size", "pruning")
 
+    def check(self) -> None:
+        """Every setting's type and range; the message names the setting and its CLI flag."""
+        def name(key):
+            return f"{key} (--{key.replace('_', '-')})"
+
+        for key in ("model", "config", "data", "out"):
+            v = getattr(self, key)
+            if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+                raise VtpruneError(f"{name(key)} must be a path, got {show(v)}")
+        if self.steps is not None:
+            check_int(self.steps, name("steps"), 1)
+        check_number(self.epochs, name("epochs"), 0, lo_open=True, want="a number > 0")
+        check_int(self.batch_size, name("batch_size"), 1)
+        check_int(self.save_every, name("save_every"), 1)
+        # torch.manual_seed takes 64 bits; the per-epoch data order seeds with seed * 7777 + epoch
+        # modulo 2**63 (Trainer._perm), so every seed in this range gives its own order
+        check_int(self.seed, name("seed"), 0, 2**63 - 1)
+        check_choice(self.adv_loss, name("adv_loss"), ADV_LOSSES)
+        check_number(self.max_grad_norm, "max_grad_norm", 0, want="a number >= 0 (0: no clipping)")
+        for key in ("device", "dtype"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise VtpruneError(f"{name(key)} must be a string such as 'cuda' / 'bfloat16', got {show(v)}")
+        for key in ("gradient_checkpointing", "progress"):
+            check_bool(getattr(self, key), key)
+
 
 def _seed_for(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729 + 12_345) % (2**31 - 64)
@@ -71,14 +99,9 @@ class Trainer:
         from ..engine import LlavaEngine
 
         s = self.settings = settings
-        if s.adv_loss not in ADV_LOSSES:
-            raise VtpruneError(f"adv_loss must be one of {', '.join(ADV_LOSSES)}, got {s.adv_loss!r}")
-        if not isinstance(s.batch_size, int) or s.batch_size < 1:
-            raise VtpruneError(f"batch_size must be an integer >= 1, got {s.batch_size!r}")
-        if s.steps is not None and (not isinstance(s.steps, int) or s.steps < 1):
-            raise VtpruneError(f"steps must be an integer >= 1, got {s.steps!r}")
-        if s.save_every < 1:
-            raise VtpruneError(f"save_every must be >= 1, got {s.save_every}")
+        s.check()
+        # the run directory must be creatable before anything slow runs (not under a file, writable)
+        check_output_dir(s.out, "training run directory (--out)")
         device, dtype = _default_device_dtype(s.device, s.dtype)
         self.rank, self.world = _init_distributed("nccl" if str(device).startswith("cuda") else "gloo")
         if self.world > 1 and str(device).startswith("cuda"):
@@ -94,7 +117,7 @@ class Trainer:
         if s.steps is None:
             per_epoch = math.ceil(len(self.data) / (s.batch_size * self.world))
             s.steps = max(1, round(s.epochs * per_epoch))
-        state = read_state(s.out) if os.path.isdir(s.out) else None
+        state = read_state(s.out) if os.path.isdir(s.out) else None  # a corrupt state.json: one error
         if resume and state is None:
             raise CheckpointError(f"--resume: no checkpoint in {s.out} (expected {s.out}/checkpoint/state.json)")
         if not resume and state is not None:
@@ -173,7 +196,7 @@ class Trainer:
     def _perm(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.settings.seed * 7_777 + epoch)
+            g = torch.Generator().manual_seed((self.settings.seed * 7_777 + epoch) % 2**63)
             cache = self._perm_cache = (epoch, torch.randperm(len(self.data), generator=g))
         return cache[1]
 
