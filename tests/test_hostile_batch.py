@@ -516,13 +516,20 @@ def cli_case(tmp_path, files, small_dir, how):
         needles = [f"output file {out} line 1 is a list, not a record"]
     elif how == "world-size":
         env, needles = {"WORLD_SIZE": "x"}, ["environment variable WORLD_SIZE='x' is not an integer"]
-    return (["batch", "--model", small_dir, "--input", req, "--output", out, "--no-progress"], env, unpriv,
+    extra = []
+    if how == "model-missing":
+        small_dir, needles = tmp_path / "no-model", [f"model directory {tmp_path / 'no-model'}: not found"]
+    elif how == "pruning-bad":
+        (tmp_path / "cfg.yaml").write_text("policy: [1]\n")
+        extra, needles = ["--pruning", tmp_path / "cfg.yaml"], [f"pruning config {tmp_path / 'cfg.yaml'}: 'policy'"]
+    return (["batch", "--model", small_dir, "--input", req, "--output", out, "--no-progress", *extra], env, unpriv,
             needles, out, req)
 
 
 CLI_CASES = ["input-missing", "input-directory", "input-fifo", "input-symlink-loop", "input-empty",
              "input-unreadable", "output-under-missing-dir", "output-under-a-file", "output-is-a-directory",
-             "output-unwritable", "output-links-to-input", "output-foreign", "world-size"]
+             "output-unwritable", "output-links-to-input", "output-foreign", "world-size", "model-missing",
+             "pruning-bad"]
 
 
 @pytest.mark.parametrize("how", CLI_CASES)

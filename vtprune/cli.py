@@ -194,6 +194,8 @@ def _cmd_batch(args) -> int:
     rank, world = check_world()
     job = open_job(args.input, args.output, args.batch_size, args.max_new_tokens, shard=(rank, world),
                    inputs={"pruning config": args.pruning})
+    check_model_dir(args.model)
+    pruning = pruning_spec(args)
     from .engine import LlavaEngine
 
     device, dtype = _default_device_dtype(args.device, args.dtype)
@@ -205,7 +207,7 @@ def _cmd_batch(args) -> int:
         if str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning_spec(args))
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning)
     counts = job.run(engine, progress=not args.no_progress and rank == 0,
                      settings={"model": os.path.realpath(args.model)})
     if world > 1:
