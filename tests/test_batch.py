@@ -1,10 +1,9 @@
-"""Batch jobs: streaming JSONL, error records, resume after kill -9, OOM splitting, torchrun shards."""
+"""Batch jobs: streaming JSONL, error records, resume, OOM splitting, torchrun shards (kill -9 and
+hostile inputs: test_hostile_batch.py)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 from conftest import make_image
@@ -49,7 +48,7 @@ def test_job_answers_each_id_once_and_reports_bad_records(small_engine, tmp_path
     assert "not an image" in errors[7]["error"] and errors[7]["id"] == "img"
     assert "missing field 'prompt' or 'question'" in errors[8]["error"]
     assert "missing field 'id'" in errors[9]["error"]
-    assert "file not found" in errors[10]["error"]
+    assert errors[10]["error"] == f"image {tmp_path / 'nope.png'}: not found"
     assert counts["answered"] == 12 and counts["errors"] == 6
     # answers equal one-by-one generation
     q3 = next(r for r in answers if r["id"] == "q3")
@@ -72,39 +71,6 @@ def test_torn_last_line_is_cut_and_the_job_resumes(small_engine, tmp_path):
     run_job(small_engine, str(req), str(out), batch_size=2, max_new_tokens=3, progress=False)
     ids = [r["id"] for r in read(out)]
     assert sorted(ids) == sorted(f"q{i}" for i in range(6))
-
-
-def test_kill_minus_9_then_rerun_answers_every_id_exactly_once(small_dir, tmp_path):
-    req = write_requests(tmp_path, n=30, extras=False)
-    out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "vtprune", "batch", "--model", small_dir, "--input", str(req), "--output", str(out),
-           "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.stat().st_size > 0 and len(open(out).read().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    if killed:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = len(read_lenient(out))
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    ids = [rec["id"] for rec in read(out)]
-    assert sorted(ids) == sorted(f"q{i}" for i in range(30)) and len(ids) == len(set(ids))
-    assert killed and 0 < first < 30, "the job should have been killed part way"
-
-
-def read_lenient(path):
-    out = []
-    for line in open(path):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def test_out_of_memory_splits_the_batch(small_engine, monkeypatch):
@@ -132,6 +98,15 @@ def test_python_api_yields_records(small_engine):
     assert "no '<image>' placeholder" in out["c"]["error"]
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with a concurrent run of this test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_match_a_single_process(small_dir, tmp_path):
     req = write_requests(tmp_path, n=10)
     single, multi = tmp_path / "single.jsonl", tmp_path / "multi.jsonl"
@@ -141,7 +116,7 @@ def test_torchrun_two_processes_match_a_single_process(small_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29517", "-m", "vtprune.batch", *base, "--output", str(multi)], cwd=ROOT, env=env,
+                        str(free_port()), "-m", "vtprune.batch", *base, "--output", str(multi)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     key = lambda rec: (str(rec.get("id")), rec.get("line") or 0)  # noqa: E731

@@ -187,13 +187,17 @@ def _runs(values) -> str:
 def _cmd_batch(args) -> int:
     import os
 
-    from .batch import run_job
+    from .batch import check_world, merge_parts, open_job
+
+    # Every check that needs no model comes first, before any file is written: a bad job setting
+    # is refused at start-up, not turned into an error record per request.
+    rank, world = check_world()
+    job = open_job(args.input, args.output, args.batch_size, args.max_new_tokens, shard=(rank, world),
+                   inputs={"pruning config": args.pruning})
+    check_model_dir(args.model)
+    pruning = pruning_spec(args)
     from .engine import LlavaEngine
 
-    if not os.path.isfile(args.input):
-        raise VtpruneError(f"input file not found: {args.input}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     device, dtype = _default_device_dtype(args.device, args.dtype)
     if world > 1:  # torchrun: every rank answers its shard into its own part file
         import torch
@@ -203,37 +207,25 @@ def _cmd_batch(args) -> int:
         if str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning_spec(args))
-    part = args.output if world == 1 else f"{args.output}.part{rank}-of-{world}"
-    counts = run_job(engine, args.input, part, args.batch_size, args.max_new_tokens, shard=(rank, world),
-                     progress=not args.no_progress and rank == 0)
+    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning)
+    counts = job.run(engine, progress=not args.no_progress and rank == 0,
+                     settings={"model": os.path.realpath(args.model)})
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         if rank == 0:
-            _merge_parts(args.output, [f"{args.output}.part{r}-of-{world}" for r in range(world)])
+            merge_parts(args.output)
         dist.destroy_process_group()
     print(f"rank {rank}: " if world > 1 else "", end="")
-    print(f"answered {counts['answered']}, errors {counts['errors']}, already done {counts['skipped']}, "
+    retry = f" ({counts['retry']} to retry with other settings or later)" if counts["retry"] else ""
+    print(f"answered {counts['answered']}, errors {counts['errors']}{retry}, already done {counts['skipped']}, "
           f"{counts['generated_tokens']} tokens in {counts['seconds']:.1f} s "
           f"({counts['answered'] / max(counts['seconds'], 1e-9):.2f} req/s)")
+    if counts["internal_errors"]:
+        print(f"vtprune: warning: {counts['internal_errors']} request(s) hit an internal error (a bug: traceback "
+              f"above); their error records are retried by every re-run", file=sys.stderr)
     return 0
-
-
-def _merge_parts(output: str, parts: list[str]) -> None:
-    """The parts' records, written to `output` atomically (parts are kept: a re-run resumes from them)."""
-    import os
-
-    tmp = output + ".merging"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for p in parts:
-            if os.path.exists(p):
-                with open(p, encoding="utf-8") as f:
-                    for line in f:
-                        if line.endswith("\n"):
-                            out.write(line)
-    os.replace(tmp, output)
 
 
 def _cmd_eval(args) -> int:

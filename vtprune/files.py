@@ -106,9 +106,9 @@ def check_readable(path, what: str) -> str:
 
 def read_bytes(path, what: str, limit: int | None = None) -> bytes:
     """The file's bytes (a regular file only); `limit`: refuse files larger than that many bytes."""
-    path = check_file(path, what)
+    f = open_regular(path, what)
     try:
-        with open(path, "rb") as f:
+        with f:
             data = f.read() if limit is None else f.read(limit + 1)
     except OSError as e:
         raise fs_error(what, path, e) from None
@@ -164,24 +164,51 @@ def read_yaml(path, what: str):
         raise VtpruneError(f"{what} {os.fspath(path)}: YAML nested too deeply") from None
 
 
-def iter_lines(path, what: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without the newline) of a regular file, streamed; blank lines skipped.
-    Lines are bytes so that one line that is not UTF-8 can be reported alone (`decode_utf8`)."""
-    path = check_file(path, what)
+def open_regular(path, what: str, mode: str = "rb"):
+    """A binary file object on `path` ("rb"; "ab": append, created if missing; "r+b"), a regular
+    file only, or the error. Opened with O_NONBLOCK and checked again with `fstat`, so that a file
+    swapped for a FIFO between the `stat` and the `open` is refused too instead of blocking."""
+    flags = {"rb": os.O_RDONLY, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+b": os.O_RDWR}[mode]
+    path = check_file(path, what) if mode != "ab" or os.path.exists(path) else os.fspath(path)
     try:
-        f = open(path, "rb")
+        fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         raise fs_error(what, path, e) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def iter_lines(path, what: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes without the newline) of a regular file, streamed; blank lines skipped.
+    Lines are bytes so that one line that is not UTF-8 can be reported alone (`decode_utf8`).
+    With `max_line_bytes`, a longer line is skipped without being held in memory and yielded as
+    (line number, None)."""
+    f = open_regular(path, what)
     with f:
         n = 0
         while True:
             try:
-                raw = f.readline()
+                raw = f.readline() if max_line_bytes is None else f.readline(max_line_bytes + 1)
+                too_long = max_line_bytes is not None and len(raw) > max_line_bytes and not raw.endswith(b"\n")
+                while too_long and raw and not raw.endswith(b"\n"):  # the rest of the line, in bounded pieces
+                    raw = f.readline(1 << 20)
             except OSError as e:
                 raise fs_error(what, path, e) from None
-            if not raw:
+            if not raw and not too_long:
                 return
             n += 1
+            if too_long:
+                yield n, None
+                if not raw:
+                    return
+                continue
             raw = raw.rstrip(b"\r\n")
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -296,20 +323,5 @@ def make_output_dir(path, what: str) -> str:
 
 
 def open_binary(path, what: str):
-    """`path` opened for reading bytes, a regular file only. Opened with O_NONBLOCK and checked again
-    with `fstat`, so that a file swapped for a FIFO between the `stat` and the `open` is refused
-    too instead of blocking."""
-    path = check_file(path, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise fs_error(what, path, e) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VtpruneError(f"{what} {path}: {_kind(st.st_mode)}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    """`path` opened for reading bytes, a regular file only (`open_regular(path, what, "rb")`)."""
+    return open_regular(path, what, "rb")
