@@ -320,7 +320,7 @@ class _Answerer:
         try:
             if isinstance(image, (str, os.PathLike)):
                 check_file(image, "image")  # a FIFO or a device is refused before any open
-            return load_image(image, 0), None
+            return load_image(image, 0, self.engine.image_processor), None
         except VtpruneError as e:
             return None, {"error": str(e).replace("image 0: ", "image ", 1)}
         except MemoryError as e:  # the machine's limit more than the image's fault
