@@ -175,12 +175,12 @@ def test_any_exception_while_loading_an_image_is_a_record(small_engine, files, t
 
     real = inputs.load_image
 
-    def load_image(image, index=0):
+    def load_image(image, index=0, processor=None):
         if str(image).endswith("im1.png"):
             raise struct.error("unpack requires a buffer of 4 bytes")
         if str(image).endswith("im2.png"):
             raise MemoryError()
-        return real(image, index)
+        return real(image, index, processor)
     monkeypatch.setattr(inputs, "load_image", load_image)
     recs, counts = job(small_engine, tmp_path, [rec(id=i, image=str(files / f"im{i}.png"), question="q")
                                                 for i in range(3)])
