@@ -4,6 +4,7 @@ message naming the problem)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,13 +46,22 @@ def main_py(*args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], **kw)
 
 
+# Python's warning format: "FILE:LINE: CATEGORY: message", then the source line, indented.
+_WARNING = re.compile(r"^\S.*:\d+: [A-Za-z]*Warning: ")
+
+
 def error_lines(r: subprocess.CompletedProcess) -> list[str]:
     """stderr's lines without blank lines, progress bars and warnings that are not ours
-    (torch's CUDA build prints a warning on machines without a GPU)."""
-    out = []
+    (torch's CUDA build prints a warning on machines without a GPU: "/.../torch/cuda/__init__.py:
+    NNN: UserWarning: CUDA initialization: Found no NVIDIA driver ..." and its source line)."""
+    out, after_warning = [], False
     for ln in r.stderr.splitlines():
         s = ln.strip()
-        if not s or "Warning" in s.split(":")[0] or s.startswith("warnings.warn"):
+        if after_warning and ln[:1].isspace():  # the source line Python prints under a warning
+            after_warning = False
+            continue
+        after_warning = bool(_WARNING.match(ln))
+        if not s or after_warning or "Warning" in s.split(":")[0] or s.startswith("warnings.warn"):
             continue
         out.append(s)
     return out
