@@ -1,9 +1,13 @@
 """The main job: answer questions about images with the vtprune engine, without and with
 two-stage visual-token pruning, and show what each costs (tokens per stage, FLOPs, time).
 
-    python main.py                                   # the embedded model (random stand-in until one is shipped)
+    python main.py                                   # the embedded SynthVQA model and its trained heads
     python main.py --model DIR                       # any llava-hf LLaVA-1.5 directory
     python main.py --pruning configs/vision_token_pruning.yaml
+
+Each answer is marked against the expected one: [right] / [wrong] (exact match after
+normalisation) for questions, and the caption also with its BLEU against the reference caption
+(the metrics of `vtprune eval`).
 """
 import argparse
 import sys
@@ -19,6 +23,30 @@ def _describe(stats) -> str:
             f"of unpruned)")
 
 
+def _is_caption(question: str) -> bool:
+    return question.startswith("Describe")
+
+
+def _mark(text: str, expected: str, question: str) -> str:
+    """[right] / [wrong] (exact match after normalisation); captions also get their BLEU."""
+    from vtprune.quality.metrics import bleu, exact_match
+
+    verdict = "right" if exact_match(text, expected) else "wrong"
+    return f"[{verdict}, BLEU {bleu([text], [expected]):.1f}]" if _is_caption(question) else f"[{verdict}]"
+
+
+def _score(results, examples) -> str:
+    """'3 of 4 questions right, caption BLEU 61.2' (BLEU over the captions, as `vtprune eval`)."""
+    from vtprune.quality.metrics import bleu, exact_match
+
+    qa = [(r.text, e[2]) for r, e in zip(results, examples) if not _is_caption(e[1])]
+    caps = [(r.text, e[2]) for r, e in zip(results, examples) if _is_caption(e[1])]
+    out = f"{sum(exact_match(t, a) for t, a in qa)} of {len(qa)} questions right"
+    if caps:
+        out += f", caption BLEU {bleu([t for t, _ in caps], [a for _, a in caps]):.1f}"
+    return out
+
+
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="llava-hf model directory (default: the embedded SynthVQA model)")
@@ -32,9 +60,8 @@ def run(argv=None) -> int:
 
     from vtprune import LlavaEngine, format_prompt
     from vtprune.cli import _default_device_dtype, check_model_dir, check_yaml, report_error
+    from vtprune.demo import ASSET_MODEL, default_model_dir, default_pruning, demo_examples, has_trained_default
     from vtprune.engine.arguments import check_max_new_tokens
-    from vtprune.demo import default_model_dir, default_pruning, demo_examples, has_trained_default
-    from vtprune.quality.metrics import exact_match
     from vtprune.pruning import PruningConfig
 
     try:
@@ -50,8 +77,8 @@ def run(argv=None) -> int:
         engine = LlavaEngine.from_pretrained(model_dir, device=device, dtype=dtype)
         print(f"model: {model_dir} ({device}, {dtype}), loaded in {time.perf_counter() - t:.1f} s")
         if args.model is None and not has_trained_default():
-            print("note: no trained embedded model is shipped yet, so a random model of the LLaVA-1.5 shape "
-                  "stands in and its answers are noise; pass --model DIR for a real checkpoint")
+            print(f"note: this install lacks the embedded model's files ({ASSET_MODEL}), so a random model of "
+                  f"the LLaVA-1.5 shape stands in and its answers are noise; pass --model DIR for a real checkpoint")
         examples = demo_examples(5)
         images = [e[0] for e in examples]
         prompts = [format_prompt(e[1]) for e in examples]
@@ -76,15 +103,15 @@ def run(argv=None) -> int:
             print(f"\nQ: {question}\n  {'expected':>17}: {expected!r}")
             for name, (results, _) in runs.items():
                 r = results[i]
-                mark = "" if question.startswith("Describe") else ("  [right]" if exact_match(r.text, expected)
-                                                                   else "  [wrong]")
-                print(f"  {name:>17}: {r.text!r}{mark}\n  {'':>17}  {r.stats['prompt_tokens']} prompt tokens "
-                      f"({r.stats['visual_tokens']} visual in), {_describe(r.stats)}")
+                print(f"  {name:>17}: {r.text!r}  {_mark(r.text, expected, question)}\n  {'':>17}  "
+                      f"{r.stats['prompt_tokens']} prompt tokens ({r.stats['visual_tokens']} visual in), "
+                      f"{_describe(r.stats)}")
         print()
         for name, (results, seconds) in runs.items():
             n = sum(r.stats["generated_tokens"] for r in results)
-            print(f"{name:>17}: batch of {len(results)} in {seconds * 1e3:.0f} ms (first token "
-                  f"{results[0].stats['time_to_first_token_s'] * 1e3:.0f} ms, {n / seconds:.0f} generated tok/s)")
+            print(f"{name:>17}: {_score(results, examples)}; batch of {len(results)} in {seconds * 1e3:.0f} ms "
+                  f"(first token {results[0].stats['time_to_first_token_s'] * 1e3:.0f} ms, {n / seconds:.0f} "
+                  f"generated tok/s)")
     except (Exception, KeyboardInterrupt) as e:
         # any bad input (a file as --model, a bad --pruning, --device tpu, an unreadable file)
         # is one line `main.py: error: ...` and exit status 2; a bug keeps its traceback

@@ -4,6 +4,7 @@ message naming the problem)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,13 +46,27 @@ def main_py(*args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], **kw)
 
 
+# Python's warning format: "FILE:LINE: CATEGORY: message", then the source line, indented.
+_WARNING = re.compile(r"^\S.*:\d+: [A-Za-z]*Warning: ")
+# torch's own log warnings (glog style), e.g. the CUDA build without a GPU on importing
+# torch.utils.cpp_extension: "W1202 05:29:37.415000 23468 torch/utils/cpp_extension.py:183] No CUDA
+# runtime is found, using CUDA_HOME='/usr/local'"
+_TORCH_LOG_WARNING = re.compile(r"^W\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
 def error_lines(r: subprocess.CompletedProcess) -> list[str]:
     """stderr's lines without blank lines, progress bars and warnings that are not ours
-    (torch's CUDA build prints a warning on machines without a GPU)."""
-    out = []
+    (torch's CUDA build may warn on machines without a GPU: "/.../torch/cuda/__init__.py:NNN:
+    UserWarning: CUDA initialization: ..." and its source line, or a log line, see above)."""
+    out, after_warning = [], False
     for ln in r.stderr.splitlines():
         s = ln.strip()
-        if not s or "Warning" in s.split(":")[0] or s.startswith("warnings.warn"):
+        if after_warning and ln[:1].isspace():  # the source line Python prints under a warning
+            after_warning = False
+            continue
+        after_warning = bool(_WARNING.match(ln))
+        if (not s or after_warning or _TORCH_LOG_WARNING.match(s) or "Warning" in s.split(":")[0]
+                or s.startswith("warnings.warn")):
             continue
         out.append(s)
     return out

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import make_image
+from hostile import assert_cli_error, error_lines
 from safetensors.torch import load_file, save_file
 
 from vtprune import CheckpointError, LlavaEngine, VtpruneError, format_prompt
@@ -150,10 +151,10 @@ def test_cli_errors_are_one_line_without_traceback(small_dir, tmp_path):
     ]
     for args, match in cases:
         r = _cli("generate", *args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert_cli_error(r, match)
+        # one line of ours: torch's CUDA build may print its own warning first (no GPU)
+        lines = error_lines(r)
         assert len(lines) == 1 and lines[0].startswith("vtprune: error:") and match in lines[0], r.stderr
-        assert "Traceback" not in r.stderr
 
 
 def test_cli_generate_prints_answer_and_stats(small_dir, small_engine, tmp_path):

@@ -108,14 +108,35 @@ def test_cli_compare_writes_json_markdown_and_plot(small_dir, tmp_path):
     cfg.write_text("policy: two_stage\ntarget_merge_tokens: 18\nmerge_ratio: 0.5\npruning_layers: [1, 2, 3]\n"
                    "layer_keep_tokens: [12, 9, 6]\npruner_d_internal: 32\n")
     out = tmp_path / "cmp"
+    pred = tmp_path / "pred.jsonl"
     r = _cli("eval", "--model", small_dir, "--data", str(tmp_path / "test.jsonl"), "--compare", "--pruning", str(cfg),
-             "--budget", "6", "--out", str(out), "--no-progress", "--max-new-tokens", "4")
+             "--budget", "6", "--out", str(out), "--max-new-tokens", "4", "--predictions", str(pred))
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.load(open(str(out) + ".json"))
     names = [x["name"] for x in data["results"]]
-    assert names[:2] == ["unpruned", "two_stage@11"]
-    assert {"visionzip@11", "random@11", "fastv@11", "pdrop@11", "visionzip@6", "random@6"} <= set(names)
-    assert {s["name"] for s in data["skipped"]} == {"fastv@6", "pdrop@6"}  # unreachable on 4 layers
+    assert names == ["unpruned", "two_stage@11", "visionzip@6", "random@6", "fastv@11", "pdrop@11", "visionzip@11",
+                     "random@11"]
+    assert [s["name"] for s in data["skipped"]] == ["fastv@6", "pdrop@6"]  # unreachable on 4 layers
+    # where the run is: each setting's bar (stderr) and each skip (stdout) says "setting i/10"
+    order = ["unpruned", "two_stage@11", "fastv@6", "pdrop@6", "visionzip@6", "random@6", "fastv@11", "pdrop@11",
+             "visionzip@11", "random@11"]
+    for i, name in enumerate(order, 1):
+        where = r.stdout if name in ("fastv@6", "pdrop@6") else r.stderr
+        assert f"setting {i}/10 {name}" in where, (name, r.stdout, r.stderr[-3000:])
+    assert "setting 3/10 fastv@6: skipped: " in r.stdout
+    # --predictions: every setting that ran, 9 records each (3 images: 2 questions + a caption), tagged
+    recs = [json.loads(x) for x in open(pred)]
+    assert [x["setting"] for x in recs] == [n for n in names for _ in range(9)]
+    truth = [json.loads(x) for x in open(tmp_path / "test.jsonl")]
+    for name, res in zip(names, data["results"]):
+        mine = [x for x in recs if x["setting"] == name]
+        assert [(x["id"], x["answer"]) for x in mine] == [(t["id"], t["answer"]) for t in truth]
+        assert all(x["correct"] == (None if x["type"] == "caption" else exact_match(x["prediction"], x["answer"]))
+                   for x in mine)
+        qa = [x["correct"] for x in mine if x["type"] != "caption"]
+        assert res["accuracy"] == pytest.approx(100.0 * sum(qa) / len(qa)), name
+        caps = [x for x in mine if x["type"] == "caption"]
+        assert res["bleu"] == pytest.approx(bleu([x["prediction"] for x in caps], [x["answer"] for x in caps]))
     for x in data["results"]:
         if x["name"] != "unpruned":
             assert abs(x["avg_visual_tokens"] - float(x["name"].split("@")[1])) <= 1.0, x["name"]

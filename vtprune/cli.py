@@ -13,8 +13,12 @@ import sys
 from .errors import VtpruneError
 
 
-def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
-    p.add_argument("--model", required=True, help="llava-hf model directory (config.json, *.safetensors, tokenizer)")
+def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False, embedded_default: bool = False) -> None:
+    if embedded_default:
+        p.add_argument("--model", default=None, help="llava-hf model directory (config.json, *.safetensors, "
+                                                     "tokenizer; default: the embedded SynthVQA model, as main.py)")
+    else:
+        p.add_argument("--model", required=True, help="llava-hf model directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
     more = " (repeat with --compare)" if repeatable else ""
@@ -38,7 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vtprune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer questions about images")
-    _add_model_args(g)
+    _add_model_args(g, embedded_default=True)
     g.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     g.add_argument("--prompt", action="append", required=True,
                    help="a question, or a full prompt containing one <image> (repeat, one per --image)")
@@ -67,7 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    e.add_argument("--predictions", default=None, help="write every prediction to this JSONL file")
+    e.add_argument("--predictions", default=None,
+                   help="write every prediction to this JSONL file, each tagged with its setting (all of "
+                        "them with --compare)")
     e.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train the token merger and pruner heads (adversarial, frozen LLaVA)")
@@ -147,12 +153,20 @@ def _cmd_generate(args) -> int:
     check.check_top_p(args.top_p)
     check.check_seed(args.seed)
     check.check_stops(args.stop)
-    check_model_dir(args.model)
+    model = args.model
+    if model is None:  # the embedded model, as main.py (a random stand-in when the install lacks it)
+        from .demo import ASSET_MODEL, default_model_dir, has_trained_default
+
+        if not has_trained_default():
+            print(f"vtprune: note: the embedded model's files are missing ({ASSET_MODEL}): a random model "
+                  f"answers (noise); pass --model DIR", file=sys.stderr)
+        model = default_model_dir()
+    check_model_dir(model)
     for image in args.image:
         check_readable(image, "image")
     pruning = pruning_spec(args)
     device, dtype = _default_device_dtype(args.device, args.dtype)
-    engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning)
+    engine = LlavaEngine.from_pretrained(model, device=device, dtype=dtype, pruning=pruning)
     prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
     results = engine.generate(args.image, prompts, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -271,7 +285,8 @@ def _cmd_eval(args) -> int:
         if not prunings and not budgets:
             raise VtpruneError("--compare needs two-stage configs (--pruning) and/or budgets (--budget)")
         skipped: list = []
-        results = run_settings(engine, examples, comparison_settings(engine, prunings, budgets), skipped, **kw)
+        results = run_settings(engine, examples, comparison_settings(engine, prunings, budgets), skipped,
+                               predictions_path=args.predictions, **kw)
     else:
         single = argparse.Namespace(pruning=prunings[0] if prunings else None, policy=args.policy,
                                     budget=budgets[0] if budgets else None)

@@ -4,13 +4,17 @@ In order: the extension built by setup.py (`vtprune._C`, present after
 `pip install --no-build-isolation -e .`); a JIT build of csrc/ with torch.utils.cpp_extension
 (ninja) into ~/.cache/vtprune/torch_extensions, with CUDA when torch has it and nvcc exists;
 and if both fail, None, with a warning that says why — callers then use the PyTorch reference.
-VTPRUNE_NO_EXTENSION=1 skips the compiled ops altogether.
+VTPRUNE_NO_EXTENSION=1 skips the compiled ops altogether. A JIT build that has not been done yet
+says so on stderr before it starts and when it is done (it takes seconds to minutes, silent
+otherwise).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import sys
+import time
 import warnings
 
 import torch
@@ -52,9 +56,20 @@ def _jit_build() -> None:
     base = os.environ.get("VTPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vtprune"))
     build_dir = os.path.join(base, "torch_extensions", tag)
     os.makedirs(build_dir, exist_ok=True)
+    # Built already (ninja then only checks it): load silently. Otherwise the compile takes about
+    # 20 s for the C++ ops (one compiler process: 20 s of CPU on the dev box, 65 s wall while it was
+    # shared) and much longer with nvcc, so say what is going on.
+    first = not os.path.isfile(os.path.join(build_dir, "vtprune_ops.so"))
+    if first:
+        print(f"vtprune: building the compiled ops ({'C++ and CUDA' if with_cuda else 'C++'}, csrc/) into "
+              f"{build_dir}, once per torch and source version"
+              f"{' (longer with nvcc)' if with_cuda else ' (about 20 s)'} ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
     load(name="vtprune_ops", sources=sources, extra_cflags=flags,
          extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None, extra_include_paths=[_CSRC],
          build_directory=build_dir, with_cuda=with_cuda, is_python_module=False, verbose=False)
+    if first:
+        print(f"vtprune: built the compiled ops in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
 
 def _one_line(e: Exception) -> str:

@@ -6,7 +6,8 @@ pruning setting on a JSONL data set, and the comparison of every policy at equal
 
 Records: {"image", "question", "answer"} plus optional "id" and "type" (type "caption": scored by
 BLEU; everything else by exact match after normalisation, see metrics.py). Bad records are
-reported with their line number and skipped. Answers are greedy. Latency is wall time per
+reported with their line number and skipped. Answers are greedy. `--predictions F` writes one
+record per question and setting, tagged {"setting": name, ...} (every setting with --compare). Latency is wall time per
 question in batches of --batch-size (model load and warm-up excluded); FLOPs are the prefill's
 (engine/flops.py), and "visual tokens" the average over decoder layers of the visual tokens
 entering each layer (the budget unit of pruning papers).
@@ -53,8 +54,24 @@ def load_records(path: str):
     return TrainingData(path, what="eval data").examples
 
 
+def prediction_lines(setting: str, rows) -> str:
+    """One JSONL record per (example, result), tagged with the setting that produced it."""
+    return "".join(json.dumps({"setting": setting, "id": e.id, "line": e.line, "type": e.kind,
+                               "question": e.question, "answer": e.answer, "prediction": r.text,
+                               "correct": None if e.kind == CAPTION else exact_match(r.text, e.answer)}) + "\n"
+                   for e, r in rows)
+
+
+def write_predictions(f, setting: str, rows) -> None:
+    f.write(prediction_lines(setting, rows))
+    f.flush()
+
+
 def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tokens: int = 32,
-             progress: bool = True, predictions_path: str | None = None) -> EvalResult:
+             progress: bool = True, predictions_path: str | None = None, predictions_file=None,
+             label: str | None = None) -> EvalResult:
+    """One setting (the engine's current pruning). Predictions go to `predictions_path` (written
+    anew) or are appended to the open text file `predictions_file`; `label` is the progress bar's."""
     from ..engine.inputs import format_prompt
 
     rows, policy = [], engine.plan.cfg.policy if engine.plan is not None else "unpruned"
@@ -64,7 +81,7 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(examples), desc=f"eval {name or policy}", unit="q")
+        bar = tqdm(total=len(examples), desc=label or f"eval {name or policy}", unit="q")
     busy = 0.0
     for start in it:
         chunk = examples[start:start + batch_size]
@@ -89,11 +106,9 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
         from ..files import make_output_dir
 
         make_output_dir(os.path.dirname(os.path.abspath(predictions_path)), "predictions directory")
-        _write_text(predictions_path, "predictions file", "".join(
-            json.dumps({"id": e.id, "line": e.line, "type": e.kind, "question": e.question, "answer": e.answer,
-                        "prediction": r.text,
-                        "correct": None if e.kind == CAPTION else exact_match(r.text, e.answer)}) + "\n"
-            for e, r in rows))
+        _write_text(predictions_path, "predictions file", prediction_lines(name or policy, rows))
+    if predictions_file is not None:
+        write_predictions(predictions_file, name or policy, rows)
     return EvalResult(
         name=name or policy, policy=policy, n_questions=len(qa), n_captions=len(caps),
         accuracy=100.0 * sum(correct) / len(correct) if correct else None,
@@ -115,22 +130,38 @@ def _cfg_budget(cfg, engine) -> float:
 
 
 def run_settings(engine, examples, settings: list[tuple[str, object]], skipped: list | None = None,
-                 **kw) -> list[EvalResult]:
+                 predictions_path: str | None = None, **kw) -> list[EvalResult]:
     """settings: [(name, pruning spec or None)] evaluated one after the other on one engine.
-    Settings the model cannot run are left out and described in `skipped`."""
+    Settings the model cannot run are left out and described in `skipped`. `predictions_path`:
+    every setting's predictions, tagged with its name, in one JSONL file (written anew, each
+    setting's records as soon as it is done)."""
     skipped = [] if skipped is None else skipped
     out = []
-    for name, spec in settings:
+    f = None
+    if predictions_path:
+        from ..files import fs_error, make_output_dir
+
+        make_output_dir(os.path.dirname(os.path.abspath(predictions_path)), "predictions directory")
         try:
-            engine.set_pruning(spec)
-        except VtpruneError as e:  # e.g. a budget a baseline cannot reach on this model's depth
-            print(f"skipped {name}: {e}")
-            skipped.append({"name": name, "reason": str(e)})
-            continue
-        res = evaluate(engine, examples, name=name, **kw)
-        if spec is not None and engine.plan is not None and engine.plan.cfg.policy != "two_stage":
-            res.extra["budget"] = engine.plan.cfg.budget
-        out.append(res)
+            f = open(predictions_path, "w", encoding="utf-8")
+        except OSError as e:
+            raise fs_error("predictions file", predictions_path, e) from None
+    try:
+        for i, (name, spec) in enumerate(settings, 1):
+            label = f"setting {i}/{len(settings)} {name}"  # a bar per setting: say where in the run it is
+            try:
+                engine.set_pruning(spec)
+            except VtpruneError as e:  # e.g. a budget a baseline cannot reach on this model's depth
+                print(f"{label}: skipped: {e}")
+                skipped.append({"name": name, "reason": str(e)})
+                continue
+            res = evaluate(engine, examples, name=name, predictions_file=f, label=label, **kw)
+            if spec is not None and engine.plan is not None and engine.plan.cfg.policy != "two_stage":
+                res.extra["budget"] = engine.plan.cfg.budget
+            out.append(res)
+    finally:
+        if f is not None:
+            f.close()
     engine.set_pruning(None)
     return out
 

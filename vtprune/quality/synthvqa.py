@@ -12,11 +12,14 @@ object(s) the question names:
   caption     Describe the image.                                -> A red circle, a blue square and a green diamond.
               (objects named left to right; scored with BLEU, the others with exact match)
 
-    python -m vtprune.quality.synthvqa --out data/synthvqa     # train / val / test, JSONL + PNG
+    python -m vtprune.quality.synthvqa --out data/synthvqa             # train / val / test, JSONL + PNG
+    python -m vtprune.quality.synthvqa --out data/fresh --seed 7       # fresh splits, reproducibly
 
-Splits come from different seeds (train 1, val 2, test 3); image i of a split is a function of
-(seed, i) only, so `sample(seed, i)` regenerates any of them (the base-model training draws an
-endless stream this way without writing it to disk).
+Splits come from different seeds (train 1, val 2, test 3: the splits the embedded model was
+trained, selected and measured on); image i of a split is a function of (seed, i) only, so
+`sample(seed, i)` regenerates any of them (the base-model training draws an endless stream this
+way without writing it to disk). `--seed N` draws other splits (`split_seed`), disjoint from those
+and from the base model's training stream.
 """
 from __future__ import annotations
 
@@ -24,9 +27,13 @@ import argparse
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from ..errors import VtpruneError
+from ..files import make_output_dir, os_error_reason
 
 IMAGE_SIZE = 336
 COLOURS = {"red": (215, 38, 38), "green": (34, 160, 60), "blue": (40, 84, 222), "yellow": (236, 200, 30),
@@ -35,6 +42,14 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("colour", "shape", "count", "exists", "left_right")
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+# Image i of stream s is drawn by random.Random(s * _STRIDE + i), so streams s and s' share images
+# only at indices >= _STRIDE apart. The base-model trainer (train_base.py) drew stream 1 at indices
+# 0-14000 (stage B) and 10_000_000 + 0-12800 (stage A: 800 steps x 16), which stream 11 meets at
+# its index 30 and on: consecutive small seeds are not fresh. --seed N uses streams from
+# _FRESH_BASE on (Random seeds >= 1e12), far from every stream the shipped model has seen.
+_STRIDE = 1_000_003
+_FRESH_BASE = 1_000_000
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -147,9 +162,22 @@ def _questions(objs: list[Obj], rng: random.Random) -> list[dict]:
     return out
 
 
+def split_seed(split: str, seed: int | None = None) -> int:
+    """The stream a split is drawn from: SPLIT_SEEDS[split] without `seed` (the shipped splits),
+    else one stream per (seed, split), 0 <= seed <= MAX_SEED, distinct for every pair and from
+    every stream below _FRESH_BASE."""
+    if split not in SPLIT_SEEDS:
+        raise VtpruneError(f"split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
+    if seed is None:
+        return SPLIT_SEEDS[split]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise VtpruneError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return _FRESH_BASE + len(SPLIT_SEEDS) * seed + list(SPLIT_SEEDS).index(split)
+
+
 def sample(seed: int, index: int):
     """Image `index` of the stream `seed`: (PIL image, objects, questions, caption)."""
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = random.Random(seed * _STRIDE + index)
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(rng.randint(140, 190) for _ in range(3)))
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng)
@@ -163,7 +191,8 @@ def write_split(out_dir: str, split: str, n_images: int, seed: int | None = None
                 with_captions: bool = True, progress: bool = True) -> str:
     """Write `n_images` images of `split` and their questions to out_dir/{split}.jsonl (+ PNGs under
     out_dir/{split}/). Each image gets `questions_per_image` of its questions (types rotated so the
-    split is balanced) and, with_captions, a caption record. Returns the JSONL path."""
+    split is balanced) and, with_captions, a caption record. `seed`: the stream to draw from
+    (default SPLIT_SEEDS[split]; `split_seed(split, N)` for fresh splits). Returns the JSONL path."""
     seed = SPLIT_SEEDS[split] if seed is None else seed
     img_dir = os.path.join(out_dir, split)
     os.makedirs(img_dir, exist_ok=True)
@@ -208,16 +237,51 @@ def vocabulary_text() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="write the SynthVQA splits (JSONL + PNG)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=2000, help="training images")
-    p.add_argument("--val", type=int, default=200)
-    p.add_argument("--test", type=int, default=500)
+    prog = "python -m vtprune.quality.synthvqa"
+    p = argparse.ArgumentParser(prog=prog,
+                                description="write the SynthVQA splits (JSONL + PNG)")
+    p.add_argument("--out", required=True, help="directory for SPLIT.jsonl and SPLIT/NNNNNN.png")
+    p.add_argument("--train", type=int, default=2000, help="training images (0: none)")
+    p.add_argument("--val", type=int, default=200, help="validation images")
+    p.add_argument("--test", type=int, default=500, help="test images")
     p.add_argument("--questions-per-image", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"0-{MAX_SEED}: fresh splits (each split's images change; the same seed gives the "
+                        f"same files), disjoint from the default ones and from the base model's training "
+                        f"stream; default: the shipped splits (train 1, val 2, test 3)")
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    for split, n in (("train", a.train), ("val", a.val), ("test", a.test)):
-        if n > 0:
-            print(write_split(a.out, split, n, questions_per_image=a.questions_per_image))
+    try:
+        counts = (("train", a.train), ("val", a.val), ("test", a.test))
+        for split, n in counts:
+            if n < 0:
+                raise VtpruneError(f"--{split} must be >= 0 images, got {n}")
+        if a.questions_per_image < 0:
+            raise VtpruneError(f"--questions-per-image must be >= 0, got {a.questions_per_image}")
+        if a.seed is not None and not 0 <= a.seed <= MAX_SEED:
+            raise VtpruneError(f"--seed must be from 0 to {MAX_SEED}, got {a.seed}")
+        if all(n == 0 for _, n in counts):
+            raise VtpruneError("nothing to write: --train, --val and --test are all 0")
+        seeds = {split: split_seed(split, a.seed) for split, _ in counts}
+        make_output_dir(a.out, "output directory")
+        todo = [(split, n) for split, n in counts if n > 0]
+        for split, _ in todo:  # before writing anything
+            images, jsonl = os.path.join(a.out, split), os.path.join(a.out, f"{split}.jsonl")
+            if os.path.lexists(images) and not os.path.isdir(images):
+                raise VtpruneError(f"output directory {images}: exists and is not a directory")
+            if os.path.isdir(jsonl):
+                raise VtpruneError(f"output file {jsonl}: is a directory")
+        for split, n in todo:
+            path = write_split(a.out, split, n, seed=seeds[split], questions_per_image=a.questions_per_image,
+                               progress=not a.no_progress)
+            print(f"{path}: {n} image{'s' if n > 1 else ''} (stream {seeds[split]})")
+    except VtpruneError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filling up while writing
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{os_error_reason(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
