@@ -129,9 +129,9 @@ def test_eval_predictions_never_overwrite_an_input(small_dir, tmp_path, capsys):
     cfg.write_text("policy: fastv\nbudget: 6\n")
     cases = [(["--predictions", str(data)], f"--predictions file {data} is the --data file"),
              (["--compare", "--pruning", str(cfg), "--predictions", str(cfg)],
-              f"--predictions file {cfg} is the --pruning config"),
+              f"--predictions file {cfg} is the --pruning file"),
              (["--compare", "--budget", "6", "--out", str(tmp_path / "r"), "--predictions", str(tmp_path / "r.md")],
-              f"--predictions file {tmp_path / 'r.md'} is the --out results file")]
+              f"--out file {tmp_path / 'r.md'} is the --predictions file")]
     for args, needle in cases:
         assert cli.main(["eval", "--model", small_dir, "--data", str(data), *args]) == 2
         err = capsys.readouterr().err
