@@ -19,6 +19,26 @@ Backward (c = column sum + 1e-6, dP = dmerged / c, dc = -sum_D dmerged * merged 
     dkeys   = scale * dS Q,   dqueries = scale * dS^T K
 in three kernels (dx and the A.dc part of delta; dkeys; dqueries), again without storing A.
 Accumulation is fp32 throughout; 16-bit inputs feed tensor-core dots, fp32 inputs exact ones.
+
+Edge cases, the same on every path (reference, Triton interpreter, compiled Triton), handled in
+the public op before and after the dispatch, so that no path relies on how its hardware
+propagates NaN:
+- keys and queries are used in x's dtype (cast if they differ; their gradients come back in
+  their own dtypes). float64 and key widths d > 256 always take the reference.
+- A batch row b whose x[b], keys[b] or queries[b] holds any NaN or +-inf gives merged[b] and
+  sizes[b] entirely NaN, and zero gradients to that row's inputs; the other rows are computed
+  as usual (the row's inputs are replaced by zeros before the kernels run). Without this, a
+  +inf score would be NaN on one path and could be a finite number on another.
+- The domain of finite inputs is fp32's range: the scores keys . queries / (sqrt(d) tau) and the
+  sums N * max|x| must stay below 3.4e38. Beyond it fp32 overflows (inf / NaN) and the paths may
+  overflow in different places; nothing checks for it.
+- B = 0 gives empty outputs ([0, M, D], sizes [0, M]) with a working backward.
+- Non-contiguous and expanded (stride-0) inputs work on every path (made contiguous for the
+  kernels).
+- Refused (VtpruneError naming the argument): x, keys or queries that are not 3-d floating
+  tensors (lists, numpy arrays, integer or bool tensors), tensors on different devices, shapes
+  that do not fit ([B, N, D], [B, N, d], [B, M, d]), D = 0 or d = 0, M outside 1..N (so also
+  N = 0), tau outside [1e-30, 1e30] (NaN, inf, <= 0, non-numbers), return_sizes not a bool.
 """
 from __future__ import annotations
 
@@ -26,6 +46,8 @@ import math
 
 import torch
 
+from ..errors import VtpruneError
+from . import _checks as check
 from ._triton import HAVE_TRITON, INTERPRET, next_pow2, use_triton
 
 EPS = 1e-6
@@ -248,26 +270,35 @@ class SoftMergeFunction(torch.autograd.Function):
 def soft_merge(x: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, tau: float = 1.0,
                return_sizes: bool = False):
     """See the module docstring: merged [B, M, D], or (merged, sizes [B, M]) with return_sizes."""
-    for name, t in (("x", x), ("keys", keys), ("queries", queries)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"soft_merge: {name} must be a 3-d tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    op = "soft_merge"
+    for name, t, shape in (("x", x, "[B, N, D]"), ("keys", keys, "[B, N, d]"), ("queries", queries, "[B, M, d]")):
+        check.tensor(op, name, t, "3-d", shape, ndim=3)
+        check.floating(op, name, t)
+    check.same_device(op, x=x, keys=keys, queries=queries)
     B, N, D = x.shape
     if keys.shape[:2] != (B, N):
-        raise ValueError(f"soft_merge: keys must be [B, N, d] = [{B}, {N}, d], got {tuple(keys.shape)}")
+        raise VtpruneError(f"{op}: keys must be [B, N, d] = [{B}, {N}, d], got {tuple(keys.shape)}")
     if queries.shape[0] != B or queries.shape[2] != keys.shape[2]:
-        raise ValueError(f"soft_merge: queries must be [B, M, d] = [{B}, M, {keys.shape[2]}], got {tuple(queries.shape)}")
-    M = queries.shape[1]
+        raise VtpruneError(f"{op}: queries must be [B, M, d] = [{B}, M, {keys.shape[2]}], got {tuple(queries.shape)}")
+    M, d = queries.shape[1], keys.shape[2]
+    if D == 0:
+        raise VtpruneError(f"{op}: x has an empty feature dimension (D = 0), got {tuple(x.shape)}")
+    if d == 0:
+        raise VtpruneError(f"{op}: keys and queries have an empty key dimension (d = 0): the scores "
+                           f"q . k / sqrt(d) are undefined")
     if not 1 <= M <= N:
-        raise ValueError(f"soft_merge: need 1 <= M <= N, got M = {M}, N = {N}")
-    if not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"soft_merge: tau must be > 0, got {tau}")
-    if len({x.device, keys.device, queries.device}) != 1:
-        raise ValueError("soft_merge: x, keys and queries must be on one device")
-    if (use_triton(x) and x.dtype != torch.float64 and keys.shape[2] <= MAX_TRITON_KEY_DIM
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        if keys.dtype != x.dtype or queries.dtype != x.dtype:
-            keys, queries = keys.to(x.dtype), queries.to(x.dtype)
-        out, sizes = SoftMergeFunction.apply(x, keys, queries, float(tau))
-        return (out, sizes) if return_sizes else out
-    return soft_merge_reference(x, keys, queries, float(tau), return_sizes)
+        raise VtpruneError(f"{op}: need 1 <= M <= N, got M = {M} (queries) and N = {N} (x, keys)")
+    tau = check.tau(op, tau)
+    return_sizes = check.flag(op, "return_sizes", return_sizes)
+    keys, queries = keys.to(x.dtype), queries.to(x.dtype)
+    # Rows holding NaN / inf: zero inputs in, NaN out (module docstring). torch.where passes no
+    # gradient to the replaced entries, so that row's gradients are exactly 0.
+    bad = ~torch.stack([t.isfinite().flatten(1).all(1) for t in (x, keys, queries)]).all(0)  # [B], no sync
+    x, keys, queries = (torch.where(bad[:, None, None], 0.0, t) for t in (x, keys, queries))
+    if B and use_triton(x) and x.dtype != torch.float64 and d <= MAX_TRITON_KEY_DIM:
+        out, sizes = SoftMergeFunction.apply(x, keys, queries, tau)
+    else:  # B = 0 too: empty tensors that keep the graph
+        out, sizes = soft_merge_reference(x, keys, queries, tau, return_sizes=True)
+    out = torch.where(bad[:, None, None], float("nan"), out)
+    sizes = torch.where(bad[:, None], float("nan"), sizes)
+    return (out, sizes) if return_sizes else out
