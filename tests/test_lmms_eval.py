@@ -410,12 +410,19 @@ os.environ["LMMS_EVAL_PLUGINS"] = "vtprune.quality.lmms"
 legacy = ModelRegistryV2()
 _merge_legacy_plugin_models(legacy)
 out["legacy"] = [legacy.resolve("vtprune").class_path, importlib.util.find_spec("vtprune.quality.lmms.tasks") is not None]
+import lmms_eval.models as M
+from lmms_eval.api.registry import MODEL_REGISTRY
+M.MODEL_REGISTRY_V2 = ModelRegistryV2()  # as without the entry point: the launcher registers it
+from vtprune.quality.lmms_eval_plugin import register
+register()
+out["launcher"] = [M.get_model("vtprune").__name__, MODEL_REGISTRY["vtprune"].__name__]
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_lmms_eval_registration_and_one_line_refusals(lmms_setup, small_dir):
-    """The entry point resolves --model vtprune to the importable class; model_args given twice,
+    """The entry point resolves --model vtprune to the importable class (so do LMMS_EVAL_PLUGINS
+    and the launcher's register()); model_args given twice,
     unknown ones, a bad model directory and num_beams > 1 end with one `vtprune: error:` line and
     status 2; batch_size auto starts at --max_batch_size; the (ll, is_greedy) pairs survive
     lmms-eval's response unwrapping."""
@@ -435,3 +442,4 @@ def test_lmms_eval_registration_and_one_line_refusals(lmms_setup, small_dir):
                                                               "search is not implemented")
     assert out["beams"][1].count("\n") == 1
     assert out["legacy"] == [plugin.MODEL_CLASS, True]
+    assert out["launcher"] == ["VtpruneLMM", "VtpruneLMM"]
