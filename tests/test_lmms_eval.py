@@ -324,11 +324,13 @@ def test_lmms_eval_cli_equals_vtprune_eval(lmms_setup, single_run):
     s = lmms_setup
     (qa_acc, mc_acc), samples = single_run[0]
     preds = os.path.join(s["tmp"], "preds.jsonl")
-    r = run([sys.executable, "-m", "vtprune", "eval", "--model", ASSET, "--data", s["data"], "--pruning", PRUNING,
+    r = run([sys.executable, "-m", "vtprune", "eval", "--model", ASSET, "--data", s["tasks"]["jsonl"], "--pruning", PRUNING,
              "--limit", str(N_RECORDS), "--batch-size", "8", "--no-progress", "--predictions", preds],
             env={"TRITON_INTERPRET": "0"}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(ln) for ln in open(preds)]
+    first = [json.loads(ln) for ln in open(s["data"])][:N_RECORDS]  # the writer kept the records and their order
+    assert [row["id"] for row in rows] == [rec["id"] for rec in first]
     want = sum(row["correct"] for row in rows) / len(rows)
     assert len(rows) == N_RECORDS and 0.9 <= want < 1.0  # a run with a wrong answer: the comparison can fail
     assert qa_acc == pytest.approx(want, abs=1e-12) and mc_acc == pytest.approx(want, abs=1e-12)
@@ -443,3 +445,30 @@ def test_lmms_eval_registration_and_one_line_refusals(lmms_setup, small_dir):
     assert out["beams"][1].count("\n") == 1
     assert out["legacy"] == [plugin.MODEL_CLASS, True]
     assert out["launcher"] == ["VtpruneLMM", "VtpruneLMM"]
+
+
+def test_task_writer_keeps_question_records_and_choices(tmp_path):
+    from vtprune.quality.lmms_eval_tasks import write_tasks
+
+    make_image(0).save(tmp_path / "a.png")
+    recs = [{"id": 1, "image": "a.png", "question": "What colour is the circle?", "answer": "red", "type": "colour"},
+            {"id": 2, "image": "a.png", "question": "Describe the image.", "answer": "A red circle.", "type": "caption"},
+            {"id": 3, "image": "a.png", "question": "Animal?", "answer": "cat", "type": "pet"},
+            {"id": 4, "image": "a.png", "question": "Animal?", "answer": "dog", "type": "pet"},
+            {"id": 5, "image": "a.png", "question": "Count?", "answer": "nine", "type": "count"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = write_tasks(str(tmp_path / "d.jsonl"), str(tmp_path / "tasks"), name="mine", limit=5)
+    assert (r["questions"], r["captions_left_out"]) == (4, 1)
+    docs = json.load(open(r["data"]))
+    assert [d["id"] for d in docs] == ["1", "3", "4", "5"]
+    assert docs[0]["choices"] == ["red", "green", "blue", "yellow", "purple", "orange"]
+    assert docs[1]["choices"] == docs[2]["choices"] == ["cat", "dog"]         # every answer of its type
+    assert docs[3]["choices"] == ["zero", "one", "two", "three", "nine"]      # the gold answer is always a choice
+    assert all(d["image"] == str(tmp_path / "a.png") for d in docs)
+    assert [json.loads(ln)["id"] for ln in open(r["jsonl"])] == ["1", "3", "4", "5"]
+    qa = open(r["qa"]).read()
+    assert "task: mine_qa" in qa and json.dumps(r["data"]) in qa and "output_type: generate_until" in qa
+    assert "output_type: multiple_choice" in open(r["mc"]).read()
+    (tmp_path / "c.jsonl").write_text(json.dumps(recs[1]) + "\n")
+    with pytest.raises(VtpruneError, match="no question records"):
+        write_tasks(str(tmp_path / "c.jsonl"), str(tmp_path / "t2"))

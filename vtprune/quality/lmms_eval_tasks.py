@@ -5,7 +5,8 @@
         --tasks synthvqa_qa,synthvqa_mc --output_path logs/
 
 writes tasks/synthvqa.json (the question records: image paths made absolute; captions left out,
-they are scored by BLEU) and two task YAMLs reading it with the `datasets` json builder (no
+they are scored by BLEU), the same records as tasks/synthvqa.jsonl for `vtprune eval --data`,
+and two task YAMLs reading it with the `datasets` json builder (no
 download):
   synthvqa_qa  generate_until, lmms-eval's exact_match (ignoring case and punctuation); greedy,
                max_new_tokens 32 (vtprune eval's defaults)
@@ -90,7 +91,7 @@ metadata:
 
 
 def write_tasks(data: str, out_dir: str, name: str = "synthvqa", limit: int | None = None) -> dict:
-    """Write OUT/NAME.json, OUT/NAME_qa.yaml and OUT/NAME_mc.yaml from the records of `data` (the
+    """Write OUT/NAME.json(l), OUT/NAME_qa.yaml and OUT/NAME_mc.yaml from the records of `data` (the
     first `limit` records, as `vtprune eval --limit`). Returns the paths and counts."""
     from ..files import make_output_dir
     from .evaluate import CAPTION, load_records
@@ -120,7 +121,12 @@ def write_tasks(data: str, out_dir: str, name: str = "synthvqa", limit: int | No
     json_path = os.path.abspath(os.path.join(out_dir, f"{name}.json"))
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(docs, f, indent=0)
-    paths = {"data": json_path}
+    # the same records for `vtprune eval --data NAME.jsonl` (its format, image paths absolute)
+    jsonl_path = json_path[:-len(".json")] + ".jsonl"
+    with open(jsonl_path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({k: d[k] for k in ("id", "image", "question", "answer", "type")}) + "\n")
+    paths = {"data": json_path, "jsonl": jsonl_path}
     for kind, template in (("qa", _QA), ("mc", _MC)):
         paths[kind] = os.path.join(out_dir, f"{name}_{kind}.yaml")
         with open(paths[kind], "w", encoding="utf-8") as f:
@@ -142,8 +148,8 @@ def main(argv=None) -> int:
     except VtpruneError as e:
         print(f"vtprune: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {r['data']} ({r['questions']} questions, {r['captions_left_out']} captions left out), "
-          f"{r['qa']}, {r['mc']}")
+    print(f"wrote {r['data']} and {r['jsonl']} ({r['questions']} questions, {r['captions_left_out']} captions "
+          f"left out), {r['qa']}, {r['mc']}")
     return 0
 
 
