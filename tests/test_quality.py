@@ -184,35 +184,6 @@ def test_score_matches_transformers(small_dir, small_engine):
     assert small_engine.score(images[:1], prompts[:1], [text])[0][1]  # its own greedy output is greedy
 
 
-class _Req:
-    def __init__(self, *args):
-        self.args = args
-
-
-def test_lmms_eval_plugin_logic(small_dir, small_engine, tmp_path):
-    from conftest import make_image
-
-    from vtprune import format_prompt
-    from vtprune.quality.lmms_eval_plugin import EngineLMM
-
-    lmm = EngineLMM(small_dir, device="cpu", dtype="float32", batch_size=2)
-    docs = [{"img": make_image(i), "q": f"Question {i}?"} for i in range(3)]
-    lmm.task_dict = {"t": {"test": docs}}
-    to_visual = (lambda d: [d["img"]])
-    gen = {"until": ["\n"], "max_new_tokens": 4}
-    reqs = [_Req(f"<image>\n{d['q']}", dict(gen), to_visual, i, "t", "test") for i, d in enumerate(docs)]
-    texts = lmm.generate_until(reqs)
-    want = small_engine.generate([d["img"] for d in docs], [format_prompt(d["q"]) for d in docs], max_new_tokens=4,
-                                 stop=["\n"])
-    assert texts == [w.text for w in want]
-    ll = lmm.loglikelihood([_Req(d["q"], "yes", to_visual, i, "t", "test") for i, d in enumerate(docs)])
-    want_ll = small_engine.score([d["img"] for d in docs], [format_prompt(d["q"]) for d in docs], [" yes"] * 3)
-    assert [g for _, g in ll] == [g for _, g in want_ll]  # one request at a time vs one batch: float noise only
-    assert [lp for lp, _ in ll] == pytest.approx([lp for lp, _ in want_ll], abs=1e-4)
-    with pytest.raises(ValueError, match="one image"):
-        lmm.generate_until([_Req("q", dict(gen), lambda d: [d["img"], d["img"]], 0, "t", "test")])
-
-
 def test_base_training_targets_and_conversations():
     """Stage A's patch labels sit under the objects; stage B's answers are right, labels sit on
     answers only, and a packed row computes each turn exactly as the engine's single-question

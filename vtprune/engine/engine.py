@@ -15,7 +15,7 @@ from ..errors import CheckpointError, VtpruneError
 from . import arguments as check
 from .config import LlavaModelConfig
 from .generate import DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
-from .inputs import PromptEncoder, check_pairs, load_image
+from .inputs import PromptEncoder, check_pairs, load_image, prompt_images
 from .kv_cache import KVCache
 from .model import LlavaModel
 from .weights import load_weights
@@ -161,14 +161,19 @@ class LlavaEngine:
     # ------------------------------------------------------------------ inputs
     def prepare(self, images, prompts, max_new_tokens: int = 0, _reserved: str = "max_new_tokens") -> PreparedBatch:
         """Validate and encode one batch: pixel values and right-padded token ids on the device.
-        `max_new_tokens`: positions to leave free after the longest prompt within the model's context."""
+        `images` holds one entry per prompt: an image, a list of images (one per `<image>`
+        placeholder, in order) or None (a text-only prompt). `max_new_tokens`: positions to leave
+        free after the longest prompt within the model's context."""
         prompts, images = check.check_prompts(prompts), check.check_images(images)
         max_new_tokens = check.check_int(max_new_tokens, _reserved, 0)
-        check_pairs(images, prompts)
+        counts = check_pairs(images, prompts)
+        if self.plan is not None:
+            self.plan.check_image_counts(counts)
+        flat = [im for entry, c in zip(images, counts) for im in prompt_images(entry, c)]
         # Several prompts about one image (the same path, or the same PIL object) share its
         # vision-tower pass: only distinct images are preprocessed and encoded.
         keys, index, distinct = {}, [], []
-        for i, im in enumerate(images):
+        for i, im in enumerate(flat):
             key = _image_key(im)
             if key not in keys:
                 keys[key] = len(distinct)
@@ -180,7 +185,7 @@ class LlavaEngine:
         ctx = self.cfg.text.max_position_embeddings
         # A two-stage merge keeps the unpruned RoPE positions (PruningPlan.position_offset): the
         # context bounds the positions a prompt and its new tokens occupy, not the tokens kept.
-        offset = self._position_offset()
+        offset = self._position_offset() if any(counts) else 0  # text-only batches run unpruned
         for i, row in enumerate(ids):
             span = len(row) + offset
             where = f" (at the positions of {self.cfg.num_visual_tokens} unpruned visual tokens)" if offset else ""
@@ -194,12 +199,15 @@ class LlavaEngine:
         input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = torch.tensor(row)
-        with _quiet_transformers():
-            pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        pixels = None
+        if pil:
+            with _quiet_transformers():
+                pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device,
+                                                                                                   self.dtype)
         lengths = torch.tensor([len(r) for r in ids], dtype=torch.long)
-        image_index = None if len(distinct) == len(images) else torch.tensor(index).to(self.device)
-        return PreparedBatch(input_ids.to(self.device), lengths.to(self.device),
-                             pixels.to(self.device, self.dtype), image_index)
+        image_index = None if len(distinct) == len(flat) else torch.tensor(index).to(self.device)
+        per_row = None if all(c == 1 for c in counts) else tuple(counts)
+        return PreparedBatch(input_ids.to(self.device), lengths.to(self.device), pixels, image_index, per_row)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -237,7 +245,7 @@ class LlavaEngine:
                     text = text[: text.index(s)]
             results.append(GenerationResult(text=text.strip(), token_ids=ids, stats={
                 "prompt_tokens": lengths[i],
-                "visual_tokens": self.prompts.num_visual_tokens,
+                "visual_tokens": self.prompts.num_visual_tokens * _images_in_row(batch, i),
                 "generated_tokens": len(ids),
                 "time_to_first_token_s": t_first - t0,  # includes image loading and preprocessing
                 "decode_s": t_end - t_first,
@@ -260,7 +268,7 @@ class LlavaEngine:
         seed, stops = check.check_seed(seed), check.check_stops(stops, "stops")
         use_cuda_graph = check.check_flag(use_cuda_graph, "use_cuda_graph")
         # rows are right-padded to T tokens: T + the offset bounds every row's positions
-        span, ctx = batch.input_ids.shape[1] + self._position_offset(), self.cfg.text.max_position_embeddings
+        span, ctx = batch.input_ids.shape[1] + self._position_offset(batch), self.cfg.text.max_position_embeddings
         if span + max_new_tokens > ctx:
             raise VtpruneError(f"max_new_tokens={max_new_tokens} after prompts of {span} positions exceeds the "
                                f"model's context of {ctx} (use max_new_tokens <= {max(ctx - span, 0)})")
@@ -322,13 +330,20 @@ class LlavaEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ internals
-    def _position_offset(self) -> int:
-        return self.plan.position_offset if self.plan is not None else 0
+    def _position_offset(self, batch: PreparedBatch | None = None) -> int:
+        plan = self.plan if batch is None else self._plan_for(batch)
+        return plan.position_offset if plan is not None else 0
+
+    def _plan_for(self, batch: PreparedBatch):
+        """The pruning plan that applies to this batch: none for a batch without images (no
+        visual token to prune; PruningPlan.check_image_counts refuses other mixes)."""
+        return None if batch.pixel_values is None else self.plan
 
     def _prefill(self, batch: PreparedBatch, cache):
-        if self.plan is None:
+        plan = self._plan_for(batch)
+        if plan is None:
             return prefill(self.model, batch, cache, self.share_prefix), None
-        return self.plan.prefill(self.model, batch, cache, self.share_prefix)
+        return plan.prefill(self.model, batch, cache, self.share_prefix)
 
     def _layer_stats(self, batch: PreparedBatch, trace) -> dict[str, list]:
         """Per row: visual and total tokens entering each decoder layer, prefill FLOPs with and
@@ -338,8 +353,13 @@ class LlavaEngine:
         L, nv = self.cfg.text.num_layers, self.cfg.num_visual_tokens
         lengths = batch.lengths.tolist()
         if trace is None:
-            full = [prefill_flops(self.cfg, [n] * L, nv) for n in lengths]
-            return {"visual_tokens_per_layer": [[nv] * L for _ in lengths],
+            from .flops import vision_flops
+
+            # one vision-tower pass per image (prefill_flops counts one)
+            counts = [_images_in_row(batch, i) for i in range(len(lengths))]
+            full = [prefill_flops(self.cfg, [n] * L, c * nv) + (c - 1) * vision_flops(self.cfg)
+                    for n, c in zip(lengths, counts)]
+            return {"visual_tokens_per_layer": [[c * nv] * L for c in counts],
                     "tokens_per_layer": [[n] * L for n in lengths],
                     "prefill_flops": full, "prefill_flops_unpruned": full}
         # the prompt as it would be unpruned: its image run holds all nv visual tokens
@@ -366,24 +386,25 @@ class LlavaEngine:
     def _decoder_state(self, batch: PreparedBatch, max_new_tokens: int, use_cuda_graph: bool):
         """A KV cache (and CUDA graph) sized for this batch, reused when the shape repeats."""
         B, T = batch.input_ids.shape
+        plan = self._plan_for(batch)
         round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
-        caps = self.plan.capacities(T) if self.plan is not None else [T] * self.cfg.text.num_layers
+        caps = plan.capacities(T) if plan is not None else [T] * self.cfg.text.num_layers
         P, N = [round_up(c) for c in caps], round_up(max_new_tokens)
         graph = use_cuda_graph and self.device.type == "cuda"
-        key = (B, tuple(P), N, graph)
+        key = (B, tuple(P), N, graph, plan is not None)  # a text-only batch under a plan: plain cache
         if self._decode_state is None or self._decode_state[0] != key:
             self._decode_state = None  # free the old buffers before allocating new ones
             t = self.cfg.text
-            segments = [p.layer for p in self.plan.drop_points] if self.plan is not None else None
+            segments = [p.layer for p in plan.drop_points] if plan is not None else None
             cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device,
-                            segments=segments, key_bias=self.plan is not None and self.plan.uses_key_bias)
+                            segments=segments, key_bias=plan is not None and plan.uses_key_bias)
             base_positions = torch.zeros(B, dtype=torch.long, device=self.device)
             runner = DecodeGraph(self.model, cache, base_positions) if graph else None
             self._decode_state = (key, cache, runner, base_positions)
         _, cache, runner, base_positions = self._decode_state
         # generated tokens follow the prompt's last RoPE position (a two-stage merge keeps the
         # original positions: PruningPlan.position_offset)
-        base_positions.copy_(batch.lengths + self._position_offset())
+        base_positions.copy_(batch.lengths + (plan.position_offset if plan is not None else 0))
         if runner is not None:
             return cache, runner
         step = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -396,6 +417,10 @@ class LlavaEngine:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _images_in_row(batch: PreparedBatch, i: int) -> int:
+    return 1 if batch.images_per_row is None else batch.images_per_row[i]
 
 
 def _image_key(im):

@@ -21,8 +21,11 @@ from .sampling import sample_next
 class PreparedBatch:
     input_ids: torch.Tensor      # [B, T] int64, right-padded, image tokens expanded
     lengths: torch.Tensor        # [B] int64 on the device: prompt tokens per row
-    pixel_values: torch.Tensor   # [U, C, H, W]: the batch's distinct images
-    image_index: torch.Tensor | None = None  # [B]: row -> its image in pixel_values (None: row i -> i)
+    pixel_values: torch.Tensor | None  # [U, C, H, W]: the batch's distinct images (None: no image at all)
+    # [S]: image slot -> its image in pixel_values (None: slot i -> i); slots are the prompts'
+    # `<image>` placeholders in order, one per row unless images_per_row says otherwise
+    image_index: torch.Tensor | None = None
+    images_per_row: tuple[int, ...] | None = None  # None: exactly one image per row
 
     @property
     def batch_size(self) -> int:
@@ -30,7 +33,8 @@ class PreparedBatch:
 
 
 def vision_features(model: LlavaModel, batch: PreparedBatch, probe=None) -> torch.Tensor:
-    """The vision tower once per distinct image, then one row per prompt: [B, tokens, Dv]."""
+    """The vision tower once per distinct image, then one row per image slot: [S, tokens, Dv]
+    (S = B with one image per prompt)."""
     feats = model.vision(batch.pixel_values, probe=probe)
     return feats if batch.image_index is None else feats[batch.image_index]
 
@@ -39,7 +43,7 @@ def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None, shar
     """Vision tower, projector and decoder over the prompts; returns each row's last logits [B, V]."""
     from .shared_prefix import plan_sharing, prefill_shared_prefix
 
-    feats = model.projector(vision_features(model, batch))
+    feats = None if batch.pixel_values is None else model.projector(vision_features(model, batch))
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
     positions = torch.arange(T, device=x.device).expand(B, T)

@@ -6,7 +6,7 @@ before decoding); every PIL mode is converted to RGB as `to_rgb` documents, and 
 elongated for the processor's full-size resize is resized and cropped on its crop only
 (`fit_to_processor`). Every problem is a VtpruneError "image <index>: <path> ...: <reason>".
 
-Prompts are tokenized exactly as transformers' LlavaProcessor does it: the single `<image>`
+Prompts are tokenized exactly as transformers' LlavaProcessor does it: each `<image>`
 placeholder is expanded to one image token per visual token and the whole string goes through
 the tokenizer once, so the ids match the reference token for token.
 """
@@ -331,19 +331,43 @@ def _resize_crop(im, nw: int, nh: int, ch: int, cw: int, resample):
     return vertical(horizontal(part, ph), cw)
 
 
-def check_pairs(images: Sequence, prompts: Sequence[str]) -> None:
+def _image_count(entry) -> int:
+    """How many images one prompt's entry gives: None -> 0, a list/tuple -> its length, else 1."""
+    if entry is None:
+        return 0
+    return len(entry) if isinstance(entry, (list, tuple)) else 1
+
+
+def check_pairs(images: Sequence, prompts: Sequence[str]) -> list[int]:
+    """One entry of `images` per prompt, holding as many images as the prompt has `<image>`
+    placeholders: an image (one), a list of images (several, in placeholder order, as
+    transformers' LlavaProcessor pairs them) or None (a text-only prompt). Returns the counts."""
     if len(images) != len(prompts):
         raise VtpruneError(f"got {len(images)} images and {len(prompts)} prompts: give one image per prompt")
     if not prompts:
         raise VtpruneError("no prompts given")
-    for i, p in enumerate(prompts):
+    counts = []
+    for i, (entry, p) in enumerate(zip(images, prompts)):
         if not isinstance(p, str):
             raise VtpruneError(f"prompt {i}: expected a string, got {type(p).__name__}")
-        n = p.count(IMAGE_TOKEN)
-        if n != 1:
-            what = "has no" if n == 0 else f"has {n}"
-            raise VtpruneError(f"prompt {i} {what} '{IMAGE_TOKEN}' placeholder; exactly one is required "
-                               f"(e.g. vtprune.format_prompt(question))")
+        n, given = p.count(IMAGE_TOKEN), _image_count(entry)
+        if n != given:
+            if n == 0:
+                raise VtpruneError(f"prompt {i} has no '{IMAGE_TOKEN}' placeholder but {given} image"
+                                   f"{'s' if given > 1 else ''}: each image needs one (e.g. "
+                                   f"vtprune.format_prompt(question)); give None as the image of a text-only prompt")
+            raise VtpruneError(f"prompt {i} has {n} '{IMAGE_TOKEN}' placeholder{'s' if n > 1 else ''} but "
+                               f"{given or 'no'} image{'s' if given != 1 else ''}: give one image per placeholder "
+                               f"(a list of {n} for several, in order)")
+        counts.append(n)
+    return counts
+
+
+def prompt_images(entry, count: int) -> list:
+    """One prompt's entry of `images` as a list of `count` images (check_pairs has checked it)."""
+    if count == 0:
+        return []
+    return list(entry) if isinstance(entry, (list, tuple)) else [entry]
 
 
 class PromptEncoder:

@@ -315,8 +315,12 @@ class LlavaModel(nn.Module):
         """[B, 3, H, W] -> [B, visual tokens, text hidden] in the decoder's dtype."""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with each row's image-token run replaced by its image features."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image-token runs replaced by the image features [S, n, D], in
+        order (row by row, each row's placeholders left to right, as transformers' masked_scatter
+        fills them); None: a text-only batch."""
         x = self.decoder.embed_tokens(input_ids)
+        if image_features is None:
+            return x
         mask = (input_ids == self.cfg.image_token_index).unsqueeze(-1)
         return x.masked_scatter(mask, image_features.to(x.dtype))

@@ -23,7 +23,7 @@ from .model import LlavaModel
 def plan_sharing(batch: PreparedBatch, image_token: int):
     """(row -> distinct prefix index [B], prefix lengths [U], representative rows [U]) or None
     when no two rows share a prefix."""
-    if batch.image_index is None:
+    if batch.image_index is None or batch.images_per_row is not None:  # several or no images: not shared
         return None
     ids = batch.input_ids.tolist()
     lengths = batch.lengths.tolist()

@@ -102,6 +102,28 @@ class PruningPlan:
             out.append(vis)
         return out
 
+    def refusal(self, images: int) -> str | None:
+        """Why this plan cannot run a prompt with `images` images, or None when it can. Every
+        policy prunes the visual tokens of one image (its schedule and budget are per image run;
+        the two-stage heads were trained on one); a prompt without an image has nothing to prune
+        and runs unpruned."""
+        if images <= 1:
+            return None
+        return (f"pruning policy '{self.cfg.policy}' prunes the visual tokens of one image per prompt, "
+                f"this prompt has {images} (run it unpruned: set_pruning(None))")
+
+    def check_image_counts(self, counts: list[int]) -> None:
+        """Refuse a batch this plan cannot prune (VtpruneError naming the first such prompt): a
+        prompt with several images, or text-only prompts batched with prompts that have an image."""
+        for i, n in enumerate(counts):
+            reason = self.refusal(n)
+            if reason is not None:
+                raise VtpruneError(f"prompt {i}: {reason}")
+        if any(counts) and not all(counts):
+            i = counts.index(0)
+            raise VtpruneError(f"prompt {i} has no image and others have one: with pruning, give text-only "
+                               f"prompts in a call of their own (they run unpruned)")
+
     def capacities(self, T: int) -> list[int]:
         """Prompt slots each layer's KV cache needs for a batch padded to T tokens (an upper bound
         in threshold mode, where counts are only known during the prefill)."""
