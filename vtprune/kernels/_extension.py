@@ -10,6 +10,7 @@ otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -47,8 +48,10 @@ def _jit_build() -> None:
     missing = [s for s in sources if not os.path.isfile(s)]
     if missing:
         raise FileNotFoundError(f"sources not found: {missing} (csrc/ ships with a source checkout)")
-    # One build directory per torch build and source version, so upgrades never load stale objects.
-    digest = hashlib.sha1()
+    # One build directory per torch build, source version and source checkout: upgrades never load
+    # stale objects, and two checkouts never fight over one build.ninja (it names absolute paths,
+    # so each would rebuild the other's objects).
+    digest = hashlib.sha1(os.path.realpath(_CSRC).encode())
     for s in sources + [os.path.join(_CSRC, "compact.h")]:
         with open(s, "rb") as f:
             digest.update(f.read())
@@ -65,11 +68,49 @@ def _jit_build() -> None:
               f"{build_dir}, once per torch and source version"
               f"{' (longer with nvcc)' if with_cuda else ' (about 20 s)'} ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    load(name="vtprune_ops", sources=sources, extra_cflags=flags,
-         extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None, extra_include_paths=[_CSRC],
-         build_directory=build_dir, with_cuda=with_cuda, is_python_module=False, verbose=False)
+    with _build_lock(build_dir):
+        load(name="vtprune_ops", sources=sources, extra_cflags=flags,
+             extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None, extra_include_paths=[_CSRC],
+             build_directory=build_dir, with_cuda=with_cuda, is_python_module=False, verbose=False)
     if first:
         print(f"vtprune: built the compiled ops in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+
+
+# How long a process waits for another one's build of the same sources before it gives up and
+# uses the PyTorch reference (a CUDA build with nvcc takes minutes; the C++ ops ~20 s).
+BUILD_WAIT_S = 900
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """Serialize builds of one build directory with an flock, which the kernel releases when its
+    holder dies. torch's own lock (a `lock` file that a killed build leaves behind) would make
+    every later process wait forever; whoever holds the flock knows that no build is running, so
+    a `lock` file it finds is stale and is removed."""
+    import fcntl
+
+    with open(os.path.join(build_dir, "vtprune.flock"), "a") as f:
+        t0, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - t0
+                if waited > BUILD_WAIT_S:
+                    raise TimeoutError(f"another process has been building the ops in {build_dir} for "
+                                       f"{waited:.0f} s") from None
+                if not told and waited > 2:
+                    print(f"vtprune: waiting for another process's build of the compiled ops ({build_dir}) ...",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.2)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, "lock"))
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _one_line(e: Exception) -> str:
