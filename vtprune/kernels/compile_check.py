@@ -233,10 +233,15 @@ def compile_one(ln: Launch, arch: int) -> Row:
         row.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
         row.problems.append("compile error")
         return row
+    return judge(row)
+
+
+def judge(row: Row) -> Row:
+    """Adds what fails the check: register spills, shared memory over the architecture's limit."""
     if row.spill_stores or row.spill_loads:
         row.problems.append(f"spills {row.spill_stores}/{row.spill_loads} B")
-    limit = SHARED_LIMIT.get(arch)
-    if limit is not None and row.shared > limit:
+    limit = SHARED_LIMIT[row.arch]
+    if row.shared is not None and row.shared > limit:
         row.problems.append(f"shared {row.shared} B > {limit} B")
     return row
 
@@ -264,25 +269,33 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     archs = args.arch or [90]
+
+    def fail(msg: str) -> int:  # bad arguments: one line, exit 2 (the project's CLI convention)
+        print(f"{p.prog}: error: {msg}", file=sys.stderr)
+        return 2
     for a in archs:
         if a not in SHARED_LIMIT:
-            p.error(f"--arch {a}: unknown compute capability (known: {', '.join(map(str, sorted(SHARED_LIMIT)))})")
+            return fail(f"--arch {a}: unknown compute capability (known: {', '.join(map(str, sorted(SHARED_LIMIT)))})")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        p.error("TRITON_INTERPRET=1 is set: the kernels are then interpreted, not compiled; unset it")
+        return fail("TRITON_INTERPRET=1 is set: the kernels are then interpreted, not compiled; unset it")
     try:
         import triton
     except ImportError:
-        p.error("triton is not installed")
+        return fail("triton is not installed")
+    if args.only and not any(s in name for s in args.only for name in kernels()):
+        return fail(f"--only {' '.join(args.only)}: no kernel matches (kernels: {', '.join(sorted(kernels()))})")
     if args.json:
+        from ..errors import VtpruneError
         from ..files import check_output_file
 
-        check_output_file(args.json, "--json")
+        try:
+            check_output_file(args.json, "--json")
+        except VtpruneError as e:
+            return fail(str(e))
 
     launches = record_launches(tuple(args.dtype or DTYPES))
     if args.only:
         launches = [ln for ln in launches if any(s in ln.kernel.__name__ for s in args.only)]
-        if not launches:
-            p.error(f"--only {args.only}: no kernel matches (kernels: {', '.join(sorted(kernels()))})")
     print(f"triton {triton.__version__}: {len(launches)} launches x {len(archs)} arch(s), compiled one at a time",
           flush=True)
     print(_HEADER, flush=True)
