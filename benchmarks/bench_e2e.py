@@ -112,9 +112,9 @@ def bench_system(name, run, cfg, args, device, dtype, n_vis=None, extra=None, vi
         print(f"{name:>24} B={b:<3} ttft {row['ttft_ms']:8.1f} ms  decode {row['decode_ms_per_step']:7.2f} ms/step  "
               f"{row['generated_tok_per_s']:8.1f} tok/s  peak {peak:6.1f} GB", flush=True)
         if fl:
-            print(f"{'':>24} decode B={b}: {row['decode_ms_per_step']:.2f} ms = {row['decode_pct_of_floor']:.0f}% of "
-                  f"floor ({fl['decode_floor_ms']:.2f} ms); TTFT {row['ttft_ms']:.1f} ms = "
-                  f"{row['ttft_pct_of_floor']:.0f}% of floor ({fl['ttft_floor_ms']:.1f} ms) on {fl['floor_card']}",
+            print(f"{'':>24} decode B={b}: {row['decode_ms_per_step']:.3g} ms = {row['decode_pct_of_floor']:.3g}% of "
+                  f"floor ({fl['decode_floor_ms']:.3g} ms); TTFT {row['ttft_ms']:.3g} ms = "
+                  f"{row['ttft_pct_of_floor']:.3g}% of floor ({fl['ttft_floor_ms']:.3g} ms) on {fl['floor_card']}",
                   flush=True)
     return rows
 
@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['system']} | {r['batch']} | – | – | {r['error']} | | | | | |")
             continue
-        pct = (lambda k, f: f"{r[k]:.0f}% of {r[f]:.2f} ms" if k in r else "–")
+        pct = (lambda k, f: f"{r[k]:.3g}% of {r[f]:.3g} ms" if k in r else "–")
         peak = "–" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.1f}"  # NaN on CPU
         avg = r.get("avg_visual_tokens_per_layer")
         avg = "all" if avg is None else f"{avg:.0f}"
