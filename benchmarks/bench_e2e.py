@@ -11,6 +11,9 @@ Random weights of the exact architecture (speed does not depend on weight values
   decode     (median time of a --new-tokens generation - ttft) / (new_tokens - 1), per step
   tok/s      batch * new_tokens / median time of the full generation
   peak GB    torch.cuda.max_memory_allocated during that batch size
+  % of floor the hardware floor of that step (benchmarks/hardware.py: bytes of weights + KV read /
+             copy bandwidth, or FLOPs / matmul peak, the larger) / the measured time, on a card
+             hardware.py knows (H200), or the one --floor-card names
 Writes a JSON file and a markdown table (into benchmarks/results/ by default).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import hardware  # noqa: E402
 from results_io import RESULTS_DIR, device_name, today, write_results  # noqa: E402
 
 from vtprune import LlavaEngine  # noqa: E402
@@ -62,7 +66,23 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_system(name, run, cfg, args, device, dtype, n_vis=None, extra=None) -> list[dict]:
+def floors(cfg, args, batch: int, dtype, vis_per_layer=None, n_vis=None) -> dict:
+    """The step's floors on args.card (None: no card known): decode with the KV cache holding each
+    layer's prompt tokens plus, on average, half the generated ones; the prefill of the prompt."""
+    if args.card is None:
+        return {}
+    L = cfg.text.num_layers
+    vis = vis_per_layer or [cfg.num_visual_tokens] * L
+    nbytes = torch.empty(0, dtype=dtype).element_size()
+    kv = [args.text_tokens + v + (args.new_tokens - 1) / 2 for v in vis]
+    dec = hardware.decode_floor_s(cfg, batch, kv, args.card, nbytes)
+    pre = hardware.prefill_floor_s(cfg, batch, [args.text_tokens + v for v in vis], n_vis or cfg.num_visual_tokens,
+                                   args.card, nbytes)
+    return {"decode_floor_ms": dec["floor_s"] * 1e3, "ttft_floor_ms": pre["floor_s"] * 1e3,
+            "floor_card": args.card.name}
+
+
+def bench_system(name, run, cfg, args, device, dtype, n_vis=None, extra=None, vis_per_layer=None) -> list[dict]:
     """`run(ids, pixels, n)` generates n tokens for the batch."""
     rows = []
     for b in args.batch_sizes:
@@ -84,9 +104,18 @@ def bench_system(name, run, cfg, args, device, dtype, n_vis=None, extra=None) ->
         row = {"system": name, "batch": b, "prompt_tokens": ids.shape[1], **(extra or {}), "new_tokens": args.new_tokens,
                "ttft_ms": ttft * 1e3, "decode_ms_per_step": step * 1e3,
                "generated_tok_per_s": b * args.new_tokens / full, "total_s": full, "peak_gb": peak}
+        fl = floors(cfg, args, b, dtype, vis_per_layer, n_vis)
+        if fl:
+            row.update(fl, decode_pct_of_floor=100 * fl["decode_floor_ms"] / row["decode_ms_per_step"],
+                       ttft_pct_of_floor=100 * fl["ttft_floor_ms"] / row["ttft_ms"])
         rows.append(row)
         print(f"{name:>24} B={b:<3} ttft {row['ttft_ms']:8.1f} ms  decode {row['decode_ms_per_step']:7.2f} ms/step  "
               f"{row['generated_tok_per_s']:8.1f} tok/s  peak {peak:6.1f} GB", flush=True)
+        if fl:
+            print(f"{'':>24} decode B={b}: {row['decode_ms_per_step']:.3g} ms = {row['decode_pct_of_floor']:.3g}% of "
+                  f"floor ({fl['decode_floor_ms']:.3g} ms); TTFT {row['ttft_ms']:.3g} ms = "
+                  f"{row['ttft_pct_of_floor']:.3g}% of floor ({fl['ttft_floor_ms']:.3g} ms) on {fl['floor_card']}",
+                  flush=True)
     return rows
 
 
@@ -101,7 +130,7 @@ def pruning_config(name: str, cfg: LlavaModelConfig, budget: float):
     return PruningConfig(policy=name, budget=max(1, round(budget)))
 
 
-def run_vtprune(config, args, device, dtype, use_graph=True, policy=None):
+def run_vtprune(config, args, device, dtype, use_graph=True, policy=None, compile_=False):
     import warnings
 
     with warnings.catch_warnings():
@@ -116,14 +145,34 @@ def run_vtprune(config, args, device, dtype, use_graph=True, policy=None):
                 engine.set_pruning(pruning_config(policy, engine.cfg, budget))
             extra = {"avg_visual_tokens_per_layer": sum(engine.plan.visual_tokens_per_layer())
                      / engine.cfg.text.num_layers}
+    vis_per_layer = engine.plan.visual_tokens_per_layer() if policy is not None else None
     engine.eos_token_ids = ()  # generate exactly n tokens, like min_new_tokens on the reference
+    engine.compile_decode = compile_
+
+    state = {"graph": use_graph}
 
     def run(ids, pixels, n):
         lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
-        engine.generate_prepared(PreparedBatch(ids, lengths, pixels), n, use_cuda_graph=use_graph)
-    name = ("vtprune" if use_graph else "vtprune (no CUDA graph)") + (f" {policy}" if policy else "")
-    rows = bench_system(name, run, engine.cfg, args, device, dtype, n_vis=engine.prompts.num_visual_tokens,
-                        extra=extra)
+        engine.generate_prepared(PreparedBatch(ids, lengths, pixels), n, use_cuda_graph=state["graph"])
+    name = ("vtprune (torch.compile)" if compile_ else "vtprune" if use_graph else "vtprune (no CUDA graph)") + (
+        f" {policy}" if policy else "")
+    bench = (lambda label: bench_system(label, run, engine.cfg, args, device, dtype,
+                                        n_vis=engine.prompts.num_visual_tokens, extra=extra,
+                                        vis_per_layer=vis_per_layer))
+    try:
+        rows = bench(name)
+    except Exception as e:  # noqa: BLE001 - a failed capture / compile is a result: time eager instead
+        if not (compile_ or (use_graph and device.type == "cuda")):
+            raise
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        note = (f"{'torch.compile' if compile_ else 'CUDA graph capture'} failed ({type(e).__name__}: "
+                f"{lines[-1][:200] if lines else ''}); timed eager decoding instead")
+        print(f"{name:>24} FALLBACK: {note}", flush=True)
+        engine.compile_decode, state["graph"] = False, False
+        engine.release_cache()
+        rows = bench(f"{name} [eager fallback]")
+        for r in rows:
+            r["fallback"] = note
     del engine
     return rows
 
@@ -152,17 +201,24 @@ def markdown(result: dict) -> str:
              f"torch {result['torch']}, transformers {result['transformers']}, dtype {result['dtype']}, "
              f"config {result['config']}, {result['new_tokens']} new tokens, median of {result['repeats']}.", "",
              "| system | batch | prompt tokens | avg visual tokens / layer | TTFT ms | decode ms/step | "
-             "generated tok/s | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "generated tok/s | peak GB | decode % of floor | TTFT % of floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['batch']} | – | – | {r['error']} | | | |")
+            lines.append(f"| {r['system']} | {r['batch']} | – | – | {r['error']} | | | | | |")
             continue
+        pct = (lambda k, f: f"{r[k]:.3g}% of {r[f]:.3g} ms" if k in r else "–")
         peak = "–" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.1f}"  # NaN on CPU
         avg = r.get("avg_visual_tokens_per_layer")
         avg = "all" if avg is None else f"{avg:.0f}"
         lines.append(f"| {r['system']} | {r['batch']} | {r['prompt_tokens']} | {avg} | {r['ttft_ms']:.1f} | "
-                     f"{r['decode_ms_per_step']:.2f} | {r['generated_tok_per_s']:.1f} | {peak} |")
+                     f"{r['decode_ms_per_step']:.2f} | {r['generated_tok_per_s']:.1f} | {peak} | "
+                     f"{pct('decode_pct_of_floor', 'decode_floor_ms')} | {pct('ttft_pct_of_floor', 'ttft_floor_ms')} |")
+    if any("floor_card" in r for r in result["rows"]):
+        card = next(r["floor_card"] for r in result["rows"] if "floor_card" in r)
+        c = hardware.card_for(card)
+        lines += ["", f"Floors on {card}: copy {c.copy_gb_s:g} GB/s, bf16 matmul {c.bf16_tflop_s:g} TFLOP/s "
+                      f"({c.source}); benchmarks/hardware.py."]
     return "\n".join(lines) + "\n"
 
 
@@ -175,10 +231,13 @@ def main(argv=None):
     p.add_argument("--text-tokens", type=int, default=45)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--systems", default="vtprune,two_stage,fastv,pdrop,visionzip,random,transformers",
-                   help="comma-separated: vtprune (unpruned), vtprune-nograph, two_stage, fastv, pdrop, visionzip, "
+                   help="comma-separated: vtprune (unpruned), vtprune-nograph, vtprune-compile (torch.compile'd "
+                        "decode step), two_stage, two_stage-compile, fastv, pdrop, visionzip, "
                         "random (pruned engines; baselines at two_stage's average visual tokens per layer), "
                         "transformers")
     p.add_argument("--hf-compile", action="store_true", help="also transformers with static cache + torch.compile")
+    p.add_argument("--floor-card", choices=sorted(hardware.CARDS), default=None,
+                   help="report %% of this card's floor (default: the card hardware.py recognises, if any)")
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--tag", default=None, help="file name stem (default e2e-<device>-<date>)")
     args = p.parse_args(argv)
@@ -202,14 +261,31 @@ def main(argv=None):
     args.repeats = args.repeats or defaults[2]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    args.card = hardware.card_for(device_name(device), args.floor_card)
 
+    import transformers
+    name, date = device_name(device), today()
     rows = []
+
+    def save(final: bool):
+        """After every system (a run killed later keeps what was measured), and at the end."""
+        result = {"benchmark": "e2e", "date": date, "device_name": name, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
+                  "config": "tiny" if args.tiny else "llava-1.5-7b", "new_tokens": args.new_tokens,
+                  "text_tokens": args.text_tokens, "repeats": args.repeats, "complete": final, "rows": rows}
+        write_results(args.out, "e2e", args.tag, result, markdown(result), quiet=not final)
+        return result
+
     systems = args.systems.split(",")
     for s in systems:
         if s == "vtprune":
             rows += run_vtprune(config, args, device, dtype)
         elif s == "vtprune-nograph":
             rows += run_vtprune(config, args, device, dtype, use_graph=False)
+        elif s == "vtprune-compile":
+            rows += run_vtprune(config, args, device, dtype, compile_=True)
+        elif s == "two_stage-compile":
+            rows += run_vtprune(config, args, device, dtype, policy="two_stage", compile_=True)
         elif s in ("two_stage", "fastv", "pdrop", "visionzip", "random"):
             rows += run_vtprune(config, args, device, dtype, policy=s)
         elif s == "transformers":
@@ -219,18 +295,10 @@ def main(argv=None):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save(final=False)
     if args.hf_compile:
         rows += run_transformers(config, args, device, dtype, compile_=True)
-
-    import transformers
-    name = device_name(device)
-    date = today()
-    result = {"benchmark": "e2e", "date": date, "device_name": name, "torch": torch.__version__,
-              "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
-              "config": "tiny" if args.tiny else "llava-1.5-7b", "new_tokens": args.new_tokens,
-              "text_tokens": args.text_tokens, "repeats": args.repeats, "rows": rows}
-    write_results(args.out, "e2e", args.tag, result, markdown(result))
-    return result
+    return save(final=True)
 
 
 if __name__ == "__main__":

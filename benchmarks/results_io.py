@@ -17,8 +17,9 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
-def write_results(out_dir: str, kind: str, tag, result: dict, table: str) -> str:
-    """Writes <out_dir>/<tag or kind-device-date>.json and .md; returns the path stem."""
+def write_results(out_dir: str, kind: str, tag, result: dict, table: str, quiet: bool = False) -> str:
+    """Writes <out_dir>/<tag or kind-device-date>.json and .md; returns the path stem. `quiet`:
+    without printing (a partial result written while a benchmark goes on)."""
     os.makedirs(out_dir, exist_ok=True)
     name = result["device_name"].replace(" ", "_").replace("/", "_")
     stem = os.path.join(out_dir, tag or f"{kind}-{name}-{result['date']}")
@@ -26,6 +27,7 @@ def write_results(out_dir: str, kind: str, tag, result: dict, table: str) -> str
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(table)
-    print("\n" + table)
-    print(f"wrote {stem}.json/.md")
+    if not quiet:
+        print("\n" + table)
+        print(f"wrote {stem}.json/.md")
     return stem

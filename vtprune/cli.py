@@ -52,6 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    g.add_argument("--compile", action="store_true",
+                   help="decode steps through torch.compile (reduce-overhead on a GPU) instead of the CUDA graph")
 
     b = sub.add_parser("batch", help="answer a JSONL file of requests (resumable)")
     _add_model_args(b)
@@ -167,6 +169,7 @@ def _cmd_generate(args) -> int:
     pruning = pruning_spec(args)
     device, dtype = _default_device_dtype(args.device, args.dtype)
     engine = LlavaEngine.from_pretrained(model, device=device, dtype=dtype, pruning=pruning)
+    engine.compile_decode = args.compile
     prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
     results = engine.generate(args.image, prompts, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)

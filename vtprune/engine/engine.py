@@ -14,7 +14,7 @@ import torch
 from ..errors import CheckpointError, VtpruneError
 from . import arguments as check
 from .config import LlavaModelConfig
-from .generate import DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
+from .generate import CompiledDecode, DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
 from .inputs import PromptEncoder, check_pairs, load_image, prompt_images
 from .kv_cache import KVCache
 from .model import LlavaModel
@@ -88,6 +88,7 @@ class LlavaEngine:
     def __init__(self, model: LlavaModel, tokenizer, image_processor, device: torch.device,
                  dtype: torch.dtype, eos_token_ids: Sequence[int]):
         self.model = model.eval()
+        model.prepare_inference(dtype)  # fused QKV / gate-up matrices, RoPE table (once, at load)
         self.cfg: LlavaModelConfig = model.cfg
         self.device, self.dtype = device, dtype
         self.tokenizer = tokenizer
@@ -96,6 +97,8 @@ class LlavaEngine:
         self.pad_token_id = 0 if self.cfg.image_token_index != 0 else 1
         self._decode_state: tuple | None = None  # (key, KVCache, DecodeGraph | None, base positions)
         self.share_prefix = True  # rows about one image compute their common prefix once
+        # decode steps through torch.compile (CompiledDecode) instead of the hand-captured CUDA graph
+        self.compile_decode = False
         self.set_pruning(None)
 
     def set_pruning(self, pruning) -> None:
@@ -390,8 +393,9 @@ class LlavaEngine:
         round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
         caps = plan.capacities(T) if plan is not None else [T] * self.cfg.text.num_layers
         P, N = [round_up(c) for c in caps], round_up(max_new_tokens)
-        graph = use_cuda_graph and self.device.type == "cuda"
-        key = (B, tuple(P), N, graph, plan is not None)  # a text-only batch under a plan: plain cache
+        compiled = self.compile_decode
+        graph = use_cuda_graph and self.device.type == "cuda" and not compiled
+        key = (B, tuple(P), N, graph, compiled, plan is not None)  # a text-only batch under a plan: plain cache
         if self._decode_state is None or self._decode_state[0] != key:
             self._decode_state = None  # free the old buffers before allocating new ones
             t = self.cfg.text
@@ -399,7 +403,8 @@ class LlavaEngine:
             cache = KVCache(B, t.num_layers, t.num_kv_heads, t.head_dim, P, N, self.dtype, self.device,
                             segments=segments, key_bias=plan is not None and plan.uses_key_bias)
             base_positions = torch.zeros(B, dtype=torch.long, device=self.device)
-            runner = DecodeGraph(self.model, cache, base_positions) if graph else None
+            runner = (CompiledDecode(self.model, cache, base_positions) if compiled
+                      else DecodeGraph(self.model, cache, base_positions) if graph else None)
             self._decode_state = (key, cache, runner, base_positions)
         _, cache, runner, base_positions = self._decode_state
         # generated tokens follow the prompt's last RoPE position (a two-stage merge keeps the

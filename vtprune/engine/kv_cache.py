@@ -41,11 +41,27 @@ class KVCache:
             if i in starts:
                 group = torch.zeros(batch, dtype=torch.long, device=device)
                 bias = torch.zeros(batch, caps[i] + max_new_tokens, dtype=dtype, device=device) if key_bias else None
-            if bias is not None and bias.shape[1] != caps[i] + max_new_tokens:
-                raise ValueError(f"key_bias: layer {i} has another capacity than its segment's first layer")
+                first = i
+            if caps[i] != caps[first]:  # one mask (and bias) per segment serves all its layers
+                raise ValueError(f"layer {i} has another prompt capacity ({caps[i]}) than its segment's first "
+                                 f"layer {first} ({caps[first]})")
             self.lengths.append(group)
             self.key_bias.append(bias)
         self.segment_starts = starts
+        # Per segment: the mask of its prompt slots ([B, 1, 1, S]: bool, or float with key_bias),
+        # rewritten in place whenever its lengths or biases change, and each slot's decode step
+        # (slot - P for generated slots, a value no step reaches for prompt slots). A decode step
+        # then builds its masks in two ops per segment (<=, |) instead of seven (the audit).
+        self._prompt_mask: dict[int, torch.Tensor] = {}
+        self._slot_step: dict[int, torch.Tensor] = {}
+        for i in starts:
+            S, p = self.capacity(i), caps[i]
+            slots = torch.arange(S, device=device)
+            self._slot_step[i] = torch.where(slots >= p, slots - p, S + 1)
+            fill = (torch.zeros if self.key_bias[i] is None else torch.empty)
+            self._prompt_mask[i] = fill(batch, 1, 1, S, dtype=torch.bool if self.key_bias[i] is None else dtype,
+                                        device=device)
+            self._refresh_mask(i)
 
     def capacity(self, layer: int) -> int:
         return self.k[layer].shape[2]
@@ -60,6 +76,16 @@ class KVCache:
                              f"{self.segment_starts}")
         for i in starts:
             self.lengths[i].copy_(lengths)
+            self._refresh_mask(i)
+
+    def _refresh_mask(self, i: int) -> None:
+        """Rewrite segment i's prompt mask (in place: a captured CUDA graph reads this tensor)."""
+        slots = torch.arange(self.capacity(i), device=self.lengths[i].device)
+        prompt = slots[None, :] < self.lengths[i][:, None]
+        bias = self.key_bias[i]
+        if bias is not None:
+            prompt = bias.masked_fill(~prompt, float("-inf"))
+        self._prompt_mask[i].copy_(prompt[:, None, None, :])
 
     def set_key_bias(self, bias: torch.Tensor, layers=None) -> None:
         """Per-slot additive attention bias [B, T] of the prompt for the segments that start at one
@@ -72,6 +98,7 @@ class KVCache:
             T = bias.shape[1]
             buf[:, :T].copy_(bias)
             buf[:, T:].zero_()
+            self._refresh_mask(i)
 
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         T = k.shape[2]
@@ -82,27 +109,22 @@ class KVCache:
         self.v[layer][:, :, :T].copy_(v)
 
     def write_decode(self, layer: int, step: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        slot = step + self.prompt_capacity[layer]
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
+        p = self.prompt_capacity[layer]  # slot p + step, written through a view of the decode slots:
+        self.k[layer][:, :, p:].index_copy_(2, step, k)  # no slot = step + p add per layer and step
+        self.v[layer][:, :, p:].index_copy_(2, step, v)
         return self.k[layer], self.v[layer]
 
     def decode_masks(self, step: torch.Tensor) -> list[torch.Tensor]:
         """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to `step`
-        (with key_bias: float, the slot's bias where visible and -inf elsewhere).
-        Built from device tensors only (no host sync), once per distinct (lengths, P_l, S_l)."""
-        masks, memo = [], {}
-        for i, lengths in enumerate(self.lengths):
-            key = (lengths.data_ptr(), self.prompt_capacity[i], self.capacity(i))
-            if key not in memo:
-                p = self.prompt_capacity[i]
-                slots = torch.arange(self.capacity(i), device=lengths.device)
-                prompt = slots[None, :] < lengths[:, None]
-                decoded = (slots >= p) & (slots <= p + step)
-                visible = prompt | decoded[None, :]
-                bias = self.key_bias[i]
-                if bias is not None:
-                    visible = bias.masked_fill(~visible, float("-inf"))
-                memo[key] = visible[:, None, None, :]
-            masks.append(memo[key])
-        return masks
+        (with key_bias: float, the slot's bias where visible and -inf elsewhere; generated slots'
+        bias is 0). From device tensors only (no host sync), one mask per segment."""
+        masks = {}
+        for i in self.segment_starts:
+            decoded = self._slot_step[i] <= step  # [S]
+            prompt = self._prompt_mask[i]
+            masks[i] = prompt | decoded if prompt.dtype == torch.bool else prompt.masked_fill(decoded, 0.0)
+        out, current = [], None
+        for i in range(len(self.lengths)):
+            current = masks.get(i, current)
+            out.append(current)
+        return out

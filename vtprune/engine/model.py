@@ -144,12 +144,20 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos/sin for arbitrary (per-row, possibly non-contiguous) position ids, as transformers
-    computes them: fp32 angles, cast to the activation dtype afterwards."""
+    computes them: fp32 angles, cast to the activation dtype afterwards. `forward` computes them
+    for any positions (prefill, training); `lookup` gathers them from a table built once
+    (`build_table`) for the positions a decode step can have: one index op per step instead of
+    the seven (float, mul, cat, cos, sin, two casts) of recomputing them. Table rows are computed by
+    the same formula, and on CPU (AVX-512) they were bit-identical to the recomputed values for
+    every position 0..8191 at head dims 16, 32 and 128.
+    Both return (cos, sin_signed): sin_signed is sin with its first half negated, the form
+    apply_rope's roll needs."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.table: torch.Tensor | None = None  # [positions, 2, Dh]: cos, sin_signed
 
     def _inv_freq(self, device=None):
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
@@ -157,21 +165,39 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self, device):  # buffers built on the meta device need real values
         self.inv_freq = self._inv_freq(device)
+        self.table = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, Dh/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        half = self.head_dim // 2
+        sign = torch.ones(self.head_dim, device=sin.device)
+        sign[:half] = -1.0  # exact: only the sign bit changes
+        return emb.cos().to(dtype), (sin * sign).to(dtype)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        return self._cos_sin(positions, dtype)
+
+    def build_table(self, num_positions: int, dtype: torch.dtype) -> None:
+        cos, sin = self._cos_sin(torch.arange(num_positions, device=self.inv_freq.device), dtype)
+        self.table = torch.stack([cos, sin], dim=1)  # [P, 2, Dh]: one gather per step fetches both
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin_signed) of `positions` from the table (forward's values; no bounds check on a
+        GPU: positions must be < the table's length, which the engine guarantees)."""
+        if self.table is None or self.table.dtype != dtype:
+            return self._cos_sin(positions, dtype)
+        rows = self.table[positions]  # [B, T, 2, Dh]
+        return rows[..., 0, :], rows[..., 1, :]
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, Dh] against [B, H, T, Dh]
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x, cos, sin_signed):
+    """x [B, T, heads, Dh] rotated by RoPE: x * cos + rotate_half(x) * sin, where rotate_half(x) =
+    cat(-x2, x1) is computed as roll(x) * sin_signed (-x2 * s and x2 * -s are the same float):
+    one kernel (roll) instead of three (chunk's neg, cat) and bit-identical to transformers."""
+    cos, sin_signed = cos.unsqueeze(2), sin_signed.unsqueeze(2)  # [B, T, 1, Dh] against [B, T, heads, Dh]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -184,6 +210,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=b)
+        self.qkv_weight: nn.Parameter | None = None  # fuse(): [Wq; Wk; Wv], one matmul per layer
+        self.qkv_bias: nn.Parameter | None = None
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj (checkpoint layout) by one [Wq; Wk; Wv] matrix (gpt-fast's wqkv):
+        one GEMM launch instead of three. Each output column is the same dot product as before."""
+        if self.qkv_weight is not None:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = nn.Parameter(torch.cat([p.weight for p in projs]), requires_grad=False)
+        if projs[0].bias is not None:
+            self.qkv_bias = nn.Parameter(torch.cat([p.bias for p in projs]), requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv(self, x):
+        """[B, T, H + 2 Hkv, Dh]: queries, keys and values side by side, one head per row."""
+        B, T, _ = x.shape
+        if self.qkv_weight is not None:
+            out = F.linear(x, self.qkv_weight, self.qkv_bias)
+        else:
+            out = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return out.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
 
     def forward(self, x, cos, sin, cache: KVCache | None, write_slot, attn_mask, probe=None, key_logmask=None,
                 past=None, value_scale=None):
@@ -200,12 +248,13 @@ class Attention(nn.Module):
         masks with mask_gradient "value": 1 in the forward, their gradient is the loss's
         sensitivity to the token's content)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self._qkv(x)
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # queries and keys rotated in one pass
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)
         if value_scale is not None:
             v = v * value_scale[:, None, :, None].to(v.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
         if write_slot is None:
             if probe is not None:
@@ -249,9 +298,24 @@ class MLP(nn.Module):
         self.act = activation(cfg.hidden_act)
         self.gate_proj, self.up_proj = nn.Linear(d, m, bias=b), nn.Linear(d, m, bias=b)
         self.down_proj = nn.Linear(m, d, bias=b)
+        self.gate_up_weight: nn.Parameter | None = None  # fuse(): [W_gate; W_up]
+        self.gate_up_bias: nn.Parameter | None = None
+
+    def fuse(self) -> None:
+        """One [W_gate; W_up] matrix: one GEMM launch instead of two (gpt-fast's w1/w3)."""
+        if self.gate_up_weight is not None:
+            return
+        g, u = self.gate_proj, self.up_proj
+        self.gate_up_weight = nn.Parameter(torch.cat([g.weight, u.weight]), requires_grad=False)
+        if g.bias is not None:
+            self.gate_up_bias = nn.Parameter(torch.cat([g.bias, u.bias]), requires_grad=False)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -285,8 +349,9 @@ class Decoder(nn.Module):
     def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None, layers=None, probes=None,
                 key_logmasks=None, pasts=None):
         """Runs `layers` (default all; a range lets the pruned prefill stop between layers).
-        probes / key_logmasks: optional {layer index: ...} passed to that layer's attention."""
-        cos, sin = self.rotary(positions, x.dtype)
+        probes / key_logmasks: optional {layer index: ...} passed to that layer's attention.
+        A decode step (write_slot given) reads RoPE from the table built by build_table."""
+        cos, sin = (self.rotary(positions, x.dtype) if write_slot is None else self.rotary.lookup(positions, x.dtype))
         masks = {}  # layers given the same key_logmask tensor share one [B, 1, T, T] mask
         for i in range(len(self.layers)) if layers is None else layers:
             km = None if key_logmasks is None else key_logmasks.get(i)
@@ -310,6 +375,18 @@ class LlavaModel(nn.Module):
         self.vision = VisionTower(cfg)
         self.projector = Projector(cfg)
         self.decoder = Decoder(cfg.text)
+
+    def prepare_inference(self, dtype: torch.dtype) -> None:
+        """Once, after the weights are loaded: fused QKV and gate/up matrices in every decoder
+        layer, and the RoPE table for every position a decode step can reach (the context, plus
+        the visual tokens a merge may skip: merged prompts keep their original positions).
+        Idempotent."""
+        for layer in self.decoder.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        t = self.decoder.rotary.table
+        if t is None or t.dtype != dtype:
+            self.decoder.rotary.build_table(self.cfg.text.max_position_embeddings + self.cfg.num_visual_tokens, dtype)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, visual tokens, text hidden] in the decoder's dtype."""

@@ -168,9 +168,11 @@ class GumbelTopKFunction(torch.autograd.Function):
         mask = torch.empty(B, N, dtype=torch.float32, device=dev)
         soft = torch.empty(B, N, dtype=torch.float32, device=dev)
         BLOCK = next_pow2(N)
+        # 8 warps from BLOCK 1024 (the merger's N = 576): with 4, Triton 3.9's ptxas spilled 4 bytes for
+        # sm_80 in the noisy (training) variant; 8 spill nowhere (64-80 registers, compile_check)
         _gumbel_topk_kernel[(B,)](logits, logits.stride(0), logits.stride(1), idx if k is None else k, idx, mask,
                                   soft, N, kmax, _resolve_seed(seed) if noise else 0, 1.0 / tau, NOISE=noise,
-                                  PER_ROW_K=k is not None, BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4)
+                                  PER_ROW_K=k is not None, BLOCK=BLOCK, num_warps=8 if BLOCK >= 1024 else 4)
         ctx.save_for_backward(soft)
         ctx.tau = tau
         ctx.mark_non_differentiable(idx)

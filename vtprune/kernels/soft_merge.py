@@ -48,38 +48,43 @@ import torch
 
 from ..errors import VtpruneError
 from . import _checks as check
-from ._triton import HAVE_TRITON, INTERPRET, next_pow2, use_triton
+from ._triton import HAVE_TRITON, INTERPRET, use_triton
 
 EPS = 1e-6
-MAX_TRITON_KEY_DIM = 256  # keys/queries dim held whole in registers
+MAX_TRITON_KEY_DIM = 8192  # keys/queries are read BK columns at a time (tiles()): only the loop grows
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _scores(k_ptrs, q_ptrs, n_ok, m_ok, dk_ok, scale, IEEE: tl.constexpr):
-        k = tl.load(k_ptrs, mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(k, tl.trans(q))
-        return s * scale, k, q
+    def _scores(K, Q, b, n, m, n_ok, m_ok, N, M, DK, scale, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                IEEE: tl.constexpr):
+        """[BN, BM] tile of keys . queries * scale, the key dim read BK columns at a time (a whole
+        d = 512 row of keys and of queries held at once spilled registers, compile_check)."""
+        s = tl.zeros([BN, BM], tl.float32)
+        for k0 in range(0, DK, BK):
+            dk = k0 + tl.arange(0, BK)
+            dk_ok = dk < DK
+            k = tl.load(K + (b * N + n)[:, None] * DK + dk[None, :], mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+            q = tl.load(Q + (b * M + m)[:, None] * DK + dk[None, :], mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+            if IEEE:
+                s += tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+            else:
+                s += tl.dot(k, tl.trans(q))
+        return s * scale
 
     @triton.jit
-    def _lse_kernel(K, Q, LSE, N, M, DK, scale, BN: tl.constexpr, BM: tl.constexpr, BDK: tl.constexpr,
+    def _lse_kernel(K, Q, LSE, N, M, DK, scale, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                     IEEE: tl.constexpr):
         b = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
-        dk = tl.arange(0, BDK)
-        n_ok, dk_ok = n < N, dk < DK
+        n_ok = n < N
         m_i = tl.full([BN], float("-inf"), tl.float32)
         l_i = tl.zeros([BN], tl.float32)
         for m0 in range(0, M, BM):
             m = m0 + tl.arange(0, BM)
-            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
-                                n_ok, m < M, dk_ok, scale, IEEE)
+            s = _scores(K, Q, b, n, m, n_ok, m < M, N, M, DK, scale, BN, BM, BK, IEEE)
             s = tl.where((m < M)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -88,19 +93,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _merge_kernel(X, K, Q, LSE, OUT, DEN, N, M, D, DK, scale, BN: tl.constexpr, BM: tl.constexpr,
-                      BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr):
+                      BD: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
-        dk = tl.arange(0, BDK)
-        m_ok, d_ok, dk_ok = m < M, d < D, dk < DK
+        m_ok, d_ok = m < M, d < D
         acc = tl.zeros([BM, BD], tl.float32)
         den = tl.zeros([BM], tl.float32)
         for n0 in range(0, N, BN):
             n = n0 + tl.arange(0, BN)
             n_ok = n < N
-            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
-                                n_ok, m_ok, dk_ok, scale, IEEE)
+            s = _scores(K, Q, b, n, m, n_ok, m_ok, N, M, DK, scale, BN, BM, BK, IEEE)
             lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
             a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             x = tl.load(X + (b * N + n)[:, None] * D + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -116,20 +119,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_dx_kernel(K, Q, LSE, DP, DC, DX, DELTA2, N, M, D, DK, scale, BN: tl.constexpr, BM: tl.constexpr,
-                       BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+                       BD: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
-        dk = tl.arange(0, BDK)
-        n_ok, d_ok, dk_ok = n < N, d < D, dk < DK
+        n_ok, d_ok = n < N, d < D
         lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
         acc = tl.zeros([BN, BD], tl.float32)
         adc = tl.zeros([BN], tl.float32)
         for m0 in range(0, M, BM):
             m = m0 + tl.arange(0, BM)
             m_ok = m < M
-            s, _k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
-                                n_ok, m_ok, dk_ok, scale, IEEE)
+            s = _scores(K, Q, b, n, m, n_ok, m_ok, N, M, DK, scale, BN, BM, BK, IEEE)
             a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.load(DP + (b * M + m)[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             acc += tl.dot(a, dp, input_precision=PREC)
@@ -155,39 +156,44 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_dk_kernel(X, K, Q, LSE, DP, DC, DELTA, DKEYS, N, M, D, DK, scale, BN: tl.constexpr,
-                       BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+                       BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr, IEEE: tl.constexpr,
+                       PREC: tl.constexpr):
+        """dkeys[n, dk] for one block of BN tokens and BKO key columns (program axis 2): holding all
+        d = 512 columns' accumulator and queries at once spilled registers (compile_check)."""
         b = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
-        dk = tl.arange(0, BDK)
+        dk = tl.program_id(2) * BKO + tl.arange(0, BKO)
         n_ok, dk_ok = n < N, dk < DK
         lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
-        acc = tl.zeros([BN, BDK], tl.float32)
+        acc = tl.zeros([BN, BKO], tl.float32)
         for m0 in range(0, M, BM):
             m = m0 + tl.arange(0, BM)
             m_ok = m < M
-            s, _k, q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
-                               n_ok, m_ok, dk_ok, scale, IEEE)
+            s = _scores(K, Q, b, n, m, n_ok, m_ok, N, M, DK, scale, BN, BM, BK, IEEE)
             a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             ds = _ds_tile(X, DP, DC, DELTA, b, n, m, n_ok, m_ok, a, N, M, D, BD, PREC)
+            q = tl.load(Q + (b * M + m)[:, None] * DK + dk[None, :], mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
             acc += tl.dot(ds, q.to(tl.float32), input_precision=PREC)
         tl.store(DKEYS + (b * N + n)[:, None] * DK + dk[None, :], acc * scale, mask=n_ok[:, None] & dk_ok[None, :])
 
     @triton.jit
     def _bwd_dq_kernel(X, K, Q, LSE, DP, DC, DELTA, DQUERIES, N, M, D, DK, scale, BN: tl.constexpr,
-                       BM: tl.constexpr, BD: tl.constexpr, BDK: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr):
+                       BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr, IEEE: tl.constexpr,
+                       PREC: tl.constexpr):
+        """dqueries[m, dk] for one block of BM centres and BKO key columns (program axis 2)."""
         b = tl.program_id(0)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
-        dk = tl.arange(0, BDK)
+        dk = tl.program_id(2) * BKO + tl.arange(0, BKO)
         m_ok, dk_ok = m < M, dk < DK
-        acc = tl.zeros([BM, BDK], tl.float32)
+        acc = tl.zeros([BM, BKO], tl.float32)
         for n0 in range(0, N, BN):
             n = n0 + tl.arange(0, BN)
             n_ok = n < N
-            s, k, _q = _scores(K + (b * N + n)[:, None] * DK + dk[None, :], Q + (b * M + m)[:, None] * DK + dk[None, :],
-                               n_ok, m_ok, dk_ok, scale, IEEE)
+            s = _scores(K, Q, b, n, m, n_ok, m_ok, N, M, DK, scale, BN, BM, BK, IEEE)
             lse = tl.load(LSE + b * N + n, mask=n_ok, other=0.0)
             a = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             ds = _ds_tile(X, DP, DC, DELTA, b, n, m, n_ok, m_ok, a, N, M, D, BD, PREC)
+            k = tl.load(K + (b * N + n)[:, None] * DK + dk[None, :], mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
             acc += tl.dot(tl.trans(ds), k.to(tl.float32), input_precision=PREC)
         tl.store(DQUERIES + (b * M + m)[:, None] * DK + dk[None, :], acc * scale, mask=m_ok[:, None] & dk_ok[None, :])
 
@@ -208,15 +214,26 @@ def soft_merge_reference(x: torch.Tensor, keys: torch.Tensor, queries: torch.Ten
 
 
 # ----------------------------------------------------------------------------- autograd
-_BN, _BM, _BD = 32, 32, 64
+def tiles(dtype: torch.dtype, on_gpu: bool = True) -> dict:
+    """Block sizes and dot precision of every soft_merge kernel for activations of this dtype.
 
-
-def _meta(x, keys):
-    dk = keys.shape[-1]
-    # IEEE: exact fp32 dots (fp32 inputs, and every input under the interpreter, whose bf16
-    # arithmetic is unreliable); otherwise 16-bit operands on tensor cores, fp32 accumulation.
-    ieee = x.dtype == torch.float32 or (INTERPRET and not x.is_cuda)
-    return dict(BN=_BN, BM=_BM, BD=_BD, BDK=max(16, next_pow2(dk)), IEEE=ieee)
+    BN tokens x BM centres per score tile; BD columns of x / dP per step (BDM: the merge's output
+    columns per program); BK key columns per step of the score loop; BKO key columns of dkeys /
+    dqueries per program. Chosen with compile_check at the 7B design's shapes (N 576, M 288,
+    D 1024, d 512) for sm_90 and sm_80, with Triton 3.9 and 3.6: no spills in any dtype (16-bit:
+    64-184 registers). Holding a whole d = 512 key row per token (the first version) spilled up to
+    50 KB per thread in fp32 and 0.5 KB in the 16-bit backward. fp32 dots run on CUDA cores
+    (input_precision="ieee"): with 4 warps, Triton 3.6's ptxas spilled 4-20 bytes in one of the
+    three backward kernels at every tile tried; 8 warps and BK 16 spill nowhere (56-114 registers).
+    IEEE: exact fp32 dots (fp32 inputs, and every input under the interpreter, whose bf16
+    arithmetic is unreliable); otherwise 16-bit operands on tensor cores, fp32 accumulation."""
+    ieee = dtype == torch.float32 or (INTERPRET and not on_gpu)
+    if dtype == torch.float32:
+        t = dict(BN=32, BM=32, BD=32, BDM=64, BK=16, BKO=64, num_warps=8)
+    else:
+        t = dict(BN=32, BM=32, BD=64, BDM=128, BK=64, BKO=128, num_warps=4)
+    # the backward's dots: fp32 inputs exact, 16-bit inputs TF32 (their own rounding is coarser)
+    return dict(t, IEEE=ieee, PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 class SoftMergeFunction(torch.autograd.Function):
@@ -228,14 +245,15 @@ class SoftMergeFunction(torch.autograd.Function):
         B, N, D = x.shape
         M, DK = queries.shape[1], keys.shape[2]
         scale = 1.0 / (math.sqrt(DK) * tau)
-        meta = _meta(x, keys)
+        t = tiles(x.dtype, x.is_cuda)
         lse = torch.empty(B, N, dtype=torch.float32, device=x.device)
         out = torch.empty(B, M, D, dtype=torch.float32, device=x.device)
         den = torch.empty(B, M, dtype=torch.float32, device=x.device)
-        _lse_kernel[(B, triton.cdiv(N, _BN))](keys, queries, lse, N, M, DK, scale, BN=meta["BN"], BM=meta["BM"],
-                                              BDK=meta["BDK"], IEEE=meta["IEEE"])
-        _merge_kernel[(B, triton.cdiv(M, _BM), triton.cdiv(D, _BD))](x, keys, queries, lse, out, den, N, M, D, DK,
-                                                                      scale, **meta)
+        _lse_kernel[(B, triton.cdiv(N, t["BN"]))](keys, queries, lse, N, M, DK, scale, BN=t["BN"], BM=t["BM"],
+                                                  BK=t["BK"], IEEE=t["IEEE"], num_warps=t["num_warps"])
+        _merge_kernel[(B, triton.cdiv(M, t["BM"]), triton.cdiv(D, t["BDM"]))](
+            x, keys, queries, lse, out, den, N, M, D, DK, scale, BN=t["BN"], BM=t["BM"], BD=t["BDM"], BK=t["BK"],
+            IEEE=t["IEEE"], num_warps=t["num_warps"])
         ctx.save_for_backward(x, keys, queries, lse, out, den)
         ctx.scale = scale
         sizes = den.clone()
@@ -247,22 +265,23 @@ class SoftMergeFunction(torch.autograd.Function):
         x, keys, queries, lse, out, den = ctx.saved_tensors
         B, N, D = x.shape
         M, DK = queries.shape[1], keys.shape[2]
-        # fp32 inputs get exact fp32 dots; 16-bit inputs TF32 (their own rounding is coarser)
-        meta = dict(_meta(x, keys), PREC="ieee" if x.dtype == torch.float32 else "tf32")
+        t = tiles(x.dtype, x.is_cuda)
+        common = dict(BN=t["BN"], BM=t["BM"], BD=t["BD"], BK=t["BK"], IEEE=t["IEEE"], PREC=t["PREC"],
+                      num_warps=t["num_warps"])
         c = den + EPS
         dp = (grad_out.float() / c[..., None]).contiguous()
         dc = (-(grad_out.float() * out).sum(-1) / c).contiguous()
         dx = torch.empty(B, N, D, dtype=torch.float32, device=x.device)
         delta2 = torch.empty(B, N, dtype=torch.float32, device=x.device)
-        _bwd_dx_kernel[(B, triton.cdiv(N, _BN), triton.cdiv(D, _BD))](keys, queries, lse, dp, dc, dx, delta2, N, M, D,
-                                                                       DK, ctx.scale, **meta)
+        _bwd_dx_kernel[(B, triton.cdiv(N, t["BN"]), triton.cdiv(D, t["BD"]))](keys, queries, lse, dp, dc, dx, delta2,
+                                                                             N, M, D, DK, ctx.scale, **common)
         delta = ((x.float() * dx).sum(-1) + delta2).contiguous()
         dkeys = torch.empty(B, N, DK, dtype=torch.float32, device=x.device)
         dqueries = torch.empty(B, M, DK, dtype=torch.float32, device=x.device)
-        _bwd_dk_kernel[(B, triton.cdiv(N, _BN))](x, keys, queries, lse, dp, dc, delta, dkeys, N, M, D, DK, ctx.scale,
-                                                 **meta)
-        _bwd_dq_kernel[(B, triton.cdiv(M, _BM))](x, keys, queries, lse, dp, dc, delta, dqueries, N, M, D, DK,
-                                                 ctx.scale, **meta)
+        _bwd_dk_kernel[(B, triton.cdiv(N, t["BN"]), triton.cdiv(DK, t["BKO"]))](
+            x, keys, queries, lse, dp, dc, delta, dkeys, N, M, D, DK, ctx.scale, BKO=t["BKO"], **common)
+        _bwd_dq_kernel[(B, triton.cdiv(M, t["BM"]), triton.cdiv(DK, t["BKO"]))](
+            x, keys, queries, lse, dp, dc, delta, dqueries, N, M, D, DK, ctx.scale, BKO=t["BKO"], **common)
         return dx.to(x.dtype), dkeys.to(keys.dtype), dqueries.to(queries.dtype), None
 
 
