@@ -14,6 +14,13 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   echo "warning: no nvcc under CUDA_HOME=$CUDA_HOME; CUDA extension not built" >&2
   exit 0
 fi
+# the CUDA torch takes ~5.5 GB unpacked: on a machine short of disk, say so and skip (a skipped
+# check is printed, never a failure that has nothing to do with the code)
+free_kb=$(df -Pk /tmp | awk 'NR == 2 {print $4}')
+if [ -z "${VTPRUNE_CUDA_VENV:-}" ] && [ "${free_kb:-0}" -lt $((12 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024)) MB free under /tmp (12 GB needed for a CUDA torch); CUDA extension not built" >&2
+  exit 0
+fi
 VENV=${VTPRUNE_CUDA_VENV:-$(mktemp -d /tmp/vtprune-cuda-venv.XXXXXX)}
 WORK=$(mktemp -d /tmp/vtprune-cuda-build.XXXXXX)
 trap 'rm -rf "$WORK"; [ -n "${VTPRUNE_CUDA_VENV:-}" ] || rm -rf "$VENV"' EXIT
