@@ -554,7 +554,7 @@ def test_cli_max_new_tokens_beyond_the_context_is_refused_at_start_up(small_dir,
 
 
 # ----------------------------------------------------------------------------- faults
-def fault_requests(tmp_path, files, n=10):
+def fault_requests(tmp_path, files, n=24):
     lines = [rec(id=f"q{i}", image=str(files / f"im{i % 3}.png"), question="What is it?" + " really" * (i % 4))
              for i in range(n)]
     lines[3:3] = ["{not json"]
@@ -571,11 +571,11 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(sma
                                                                              tmp_path):
     req = fault_requests(tmp_path, files)
     ref_out = tmp_path / "reference.jsonl"
-    run_job(small_engine, str(req), str(ref_out), batch_size=3, max_new_tokens=6, progress=False)
+    run_job(small_engine, str(req), str(ref_out), batch_size=2, max_new_tokens=6, progress=False)
     reference = sorted(map(json.dumps, strip_stats(read(ref_out))))
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "vtprune", "batch", "--model", small_dir, "--input", str(req), "--output", str(out),
-           "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]
+           "--batch-size", "2", "--max-new-tokens", "6", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
     rng = random.Random(16)
     killed = 0
@@ -585,7 +585,9 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(sma
         deadline = time.time() + 240
         while proc.poll() is None and line_count(out) <= start and time.time() < deadline:
             time.sleep(0.01)  # progress first: each run answers at least one more request
-        time.sleep(rng.uniform(0.0, 0.5))  # then a random point: mid-batch, mid-write, between batches
+        # then a random point (mid-batch, mid-write, between batches) short enough that a fast machine
+        # has not finished all 12 batches yet: CI's CPU once finished 5 batches within 0.5 s
+        time.sleep(rng.uniform(0.0, 0.1))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed += 1
@@ -595,7 +597,7 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(sma
     assert killed >= 3, "the job should have been killed part way several times"
     recs = read(out)
     answers = [x["id"] for x in recs if "text" in x]
-    assert sorted(answers) == [f"q{i}" for i in range(10)]  # each id exactly once
+    assert sorted(answers) == sorted(f"q{i}" for i in range(24))  # each id exactly once
     assert sorted(map(json.dumps, strip_stats(recs))) == reference  # the same answers and error records
     assert not (tmp_path / "out.jsonl.inflight").exists()
 

@@ -436,7 +436,7 @@ def test_lmms_eval_registration_and_one_line_refusals(lmms_setup, small_dir):
     assert out["twice"] == [2, "vtprune: error: device given twice: device=cpu in --model_args and cuda on the "
                                "command line\n"]
     assert out["unknown"][0] == 2 and out["unknown"][1].startswith("vtprune: error: unknown model_args beams")
-    assert out["missing"][0] == 2 and "model directory not found" in out["missing"][1]
+    assert out["missing"][0] == 2 and "model directory" in out["missing"][1] and out["missing"][1].endswith("nope: not found\n")
     assert out["missing"][1].count("\n") == 1
     assert out["batch"] == [4, "cpu", 0, 1]
     assert out["unwrap"] == [[0.25, True], None] and out["unwrap_text"] == ["text", None]
