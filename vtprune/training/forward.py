@@ -27,7 +27,7 @@ from ..engine.model import LlavaModel
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules, size_bias
-from ..pruning.plan import _pack, _question_mask, original_positions
+from ..pruning.tokens import original_positions, pack, question_mask
 
 
 @dataclass
@@ -98,7 +98,7 @@ def answer_positions(seq: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _text_mask(seq: Sequences, image_token: int) -> torch.Tensor:
     """[B, T] bool: tokens after the image run (question and answer), within each row."""
-    return _question_mask(seq.input_ids, image_token, seq.lengths)
+    return question_mask(seq.input_ids, image_token, seq.lengths)
 
 
 def _pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -162,9 +162,9 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     image_token = model.cfg.image_token_index
     B, T = seq.input_ids.shape
     question, qvalid = None, None
-    prompt_q = _question_mask(seq.input_ids, image_token, seq.prompt_lengths)
+    prompt_q = question_mask(seq.input_ids, image_token, seq.prompt_lengths)
     if cfg.merger_type == "question_aware":
-        question, qvalid = _pack(model.decoder.embed_tokens(seq.input_ids), prompt_q)
+        question, qvalid = pack(model.decoder.embed_tokens(seq.input_ids), prompt_q)
     merged, centres, merge_logits, sizes = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
     x = model.embed(seq.input_ids, model.projector(merged))
     dev = x.device
@@ -187,7 +187,7 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     for i, layer in enumerate(model.decoder.layers):
         if i in keeps:
             vis_h = x.gather(1, vis_pos[..., None].expand(-1, -1, x.shape[-1]))
-            q_h, q_valid = _pack(x, prompt_q)
+            q_h, q_valid = pack(x, prompt_q)
             alive_b = alive > 0.5
             logits = modules.pruners[str(i)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
             k = min(keeps[i], M)
