@@ -192,3 +192,9 @@ class PruningModules(nn.Module):
         super().__init__()
         self.merger = TokenMerger(cfg, vision_dim, text_dim)
         self.pruners = nn.ModuleDict({str(i): PrunerHead(cfg, text_dim) for i in cfg.pruning_layers})
+
+    @classmethod
+    def for_model(cls, cfg: PruningConfig, mcfg) -> "PruningModules":
+        """The modules for a model's widths (the vision features LLaVA selects, the decoder's
+        hidden size), randomly initialised from torch's current seed."""
+        return cls(cfg, mcfg.vision.hidden_size * len(mcfg.vision_feature_layers), mcfg.text.hidden_size)

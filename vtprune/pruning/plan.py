@@ -147,10 +147,12 @@ class PruningPlan:
         return bias.to(dtype)
 
     # ------------------------------------------------------------------ stage 0
-    def visual_tokens(self, model: LlavaModel, batch: PreparedBatch) -> VisualTokens:
+    def visual_tokens(self, model: LlavaModel, batch: PreparedBatch, **training) -> VisualTokens:
         """The policy's stage 0: the image run of each row ([B, visual_in_sequence, D] projected
-        tokens, with their sources and sizes where the policy gives them), checked."""
-        out = self.policy.select_visual(VisualInput(model, batch, self.visual_in_sequence, self.mcfg.image_token_index))
+        tokens, with their sources and sizes where the policy gives them), checked. `training`:
+        VisualInput's training options (features, tau, noise, seed), for the trainer's forward."""
+        inp = VisualInput(model, batch, self.visual_in_sequence, self.mcfg.image_token_index, **training)
+        out = self.policy.select_visual(inp)
         f = out.features
         want = (batch.input_ids.shape[0], self.visual_in_sequence, self.mcfg.text.hidden_size)
         if not isinstance(f, torch.Tensor) or tuple(f.shape) != want:
@@ -315,8 +317,7 @@ def build_plan(cfg: PruningConfig, model: LlavaModel, device, dtype, seed: int =
     if cfg.policy == "two_stage":
         mcfg = model.cfg
         torch.manual_seed(seed)
-        modules = PruningModules(cfg, mcfg.vision.hidden_size * len(mcfg.vision_feature_layers),
-                                 mcfg.text.hidden_size)
+        modules = PruningModules.for_model(cfg, mcfg)
         if cfg.weights:
             from .weights import load_pruning_weights
             load_pruning_weights(modules, cfg.weights)

@@ -105,15 +105,16 @@ class TwoStage(PruningPolicy):
         keeps = [None] * len(c.pruning_layers) if c.keep_mode == "threshold" else c.layer_keep_tokens
         return Schedule(min(c.target_merge_tokens, n), [DropPoint(layer, k) for layer, k in zip(c.pruning_layers, keeps)])
 
-    def select_visual(self, inp: VisualInput, noise: bool = False) -> VisualTokens:
+    def select_visual(self, inp: VisualInput) -> VisualTokens:
         c, batch = self.cfg, inp.batch
         feats = inp.vision_features()
         question, valid = None, None
         if c.merger_type == "question_aware":
             qmask = question_mask(batch.input_ids, inp.image_token, batch.lengths)
             question, valid = pack(inp.model.decoder.embed_tokens(batch.input_ids), qmask)
-        feats, sources, _, sizes = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
-        return VisualTokens(inp.project(feats), sources, sizes)
+        tau = c.temperature_min if inp.tau is None else inp.tau
+        feats, sources, logits, sizes = self.modules.merger(feats, tau, question, valid, noise=inp.noise, seed=inp.seed)
+        return VisualTokens(inp.project(feats), sources, sizes, logits)
 
     def score(self, inp: LayerInput) -> torch.Tensor:
         head = self.modules.pruners[str(inp.layer)]

@@ -55,14 +55,18 @@ class VisualTokens:
     features: torch.Tensor               # [B, M, D] in the decoder's width (projected)
     sources: torch.Tensor | None = None  # [B, M] ascending index into the full run each stands for
     sizes: torch.Tensor | None = None    # [B, M] how many tokens each stands for (merges)
+    logits: torch.Tensor | None = None   # [B, N] a learned policy's selection logits (training reads them)
 
 
 class VisualInput:
-    """What stage 0 sees: the model, the prompt batch and lazily computed vision features."""
+    """What stage 0 sees: the model, the prompt batch (lengths: the prompts', up to the end of the
+    question) and lazily computed vision features. The trainer passes the features it already has
+    and its options for a learned stage 0: the temperature `tau` (None: the config's inference
+    temperature), Gumbel `noise` and its `seed`."""
 
-    def __init__(self, model, batch, count: int, image_token: int):
+    def __init__(self, model, batch, count: int, image_token: int, features=None, tau=None, noise=False, seed=None):
         self.model, self.batch, self.count, self.image_token = model, batch, count, image_token
-        self._features = None
+        self._features, self.tau, self.noise, self.seed = features, tau, noise, seed
 
     def vision_features(self, probe=None) -> torch.Tensor:
         """[B, N, Dv] vision-tower features of each row's image (before the projector). `probe(q,
