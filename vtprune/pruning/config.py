@@ -48,9 +48,8 @@ class PruningConfig:
     # derivative w.r.t. each kept token's additive attention bias, which also says "take attention
     # off big (sink-like) merged tokens": heads drift towards dropping the largest clusters.
     # "value": the derivative w.r.t. a scale on each kept token's value vector (its content),
-    # leaving the softmax's redistribution out. SynthVQA, a head at layer 2 of 6 (merge 288,
-    # locality on), val accuracy every 150 steps: logit 94.4, 89.7, 89.3, 90.6; value 92.7, 92.3,
-    # 94.9, 94.9. On a layers-4/5 schedule they were alike (best 95.3 / 94.9). Dev box, 2026-11-27.
+    # leaving the softmax's redistribution out; "value" kept an early (layer-2) head steady on
+    # SynthVQA (README, *Pruning*: val accuracy of both per checkpoint).
     mask_gradient: str = "logit"
     # > 0: the merger's and heads' selection logits are standardized per row and multiplied by
     # this (modules.standardize_logits says why); 0: raw logits, as the first heads were trained

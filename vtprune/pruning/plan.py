@@ -114,7 +114,7 @@ class PruningPlan:
         """How far the text after the image sits from its index in the sequence. Policies that
         keep positions (two-stage merges) place each stage-0 token at its source's place in the
         full run and the text after it where it was, as layer pruning does: the decoder was
-        trained on full runs and reads relative positions (README, *Pruning*: left/right accuracy
+        trained on full runs and reads relative positions (README, *Measured quality*: left/right accuracy
         with contiguous positions). The others feed fewer tokens at contiguous positions."""
         if not self.policy.keeps_positions:
             return 0
