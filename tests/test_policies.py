@@ -1,6 +1,7 @@
 """The pruning-policy interface: a method registered from outside the package runs batched, with
 KV compaction and correct stats; DART and DivPrune against plain reference implementations; the
 registry's and the interface's errors (small model: 36 visual tokens, 4 decoder layers)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -19,8 +20,19 @@ from vtprune.pruning.policy import REGISTRY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-sys.path.insert(0, EXAMPLES)
-import norm_policy  # noqa: E402  (examples/norm_policy.py registers 'norm', as a user's module would)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def norm_policy():
+    """examples/norm_policy.py imported as a user's module would be (it registers 'norm'), and
+    unregistered afterwards so that other tests see the built-ins only."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        yield importlib.import_module("norm_policy")
+    finally:
+        REGISTRY.pop("norm", None)
+        sys.modules.pop("norm_policy", None)
+        sys.path.remove(EXAMPLES)
 
 QUESTIONS = ["What is it?", "Describe the picture in one sentence, please.", "How many objects?"]
 PROMPTS = [format_prompt(q) for q in QUESTIONS]
@@ -34,7 +46,7 @@ def engine_with(small_dir, **cfg):
 
 
 # ----------------------------------------------------------------------------- an outside policy
-def test_outside_policy_is_registered_and_listed():
+def test_outside_policy_is_registered_and_listed(norm_policy):
     assert get_policy("norm") is norm_policy.NormPolicy
     assert "norm" in policy_names() and policy_names()[:7] == ["two_stage", "fastv", "pdrop", "dart", "visionzip",
                                                                 "divprune", "random"]
