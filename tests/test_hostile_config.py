@@ -306,7 +306,7 @@ def test_cli_unreadable_model_file_is_permission_denied(small_dir, tmp_path, nam
 
 # --------------------------------------------------------------------------- pruning YAML
 YAML_CASES = [
-    ("policy: magic", "'policy' must be one of two_stage, fastv, pdrop, visionzip, random, got \"magic\""),
+    ("policy: magic", "'policy' must be one of two_stage, fastv, pdrop, dart, visionzip, divprune, random, got \"magic\""),
     ("policy: fastv\nbudget: true", "'budget' must be a positive integer for policy 'fastv', got true"),
     ("policy: fastv\nbudget: '100'", "'budget' must be a positive integer for policy 'fastv', got \"100\""),
     ("policy: pdrop\nbudget: 0", "'budget' must be a positive integer for policy 'pdrop', got 0"),

@@ -44,6 +44,8 @@ POLICIES = [
     ("pdrop", dict(policy="pdrop", budget=16)),
     ("visionzip", dict(policy="visionzip", budget=9)),
     ("random", dict(policy="random", budget=9)),
+    ("dart", dict(policy="dart", budget=24)),
+    ("divprune", dict(policy="divprune", budget=9)),
 ]
 
 
@@ -104,8 +106,8 @@ def test_threshold_mode_is_ragged(small_dir):
     assert len({tuple(r) for r in per_layer}) > 1  # rows keep different numbers of tokens
 
 
-@pytest.mark.parametrize("name,cfg", [POLICIES[0], POLICIES[2], POLICIES[3], POLICIES[4]],
-                         ids=["two_stage", "threshold", "fastv", "pdrop"])
+@pytest.mark.parametrize("name,cfg", [POLICIES[i] for i in (0, 2, 3, 4, 7)],
+                         ids=["two_stage", "threshold", "fastv", "pdrop", "dart"])
 def test_masked_forward_equals_dropping_forward(small_dir, name, cfg):
     """Training masks dropped tokens' keys instead of dropping them; with the same (hard)
     decisions and the original positions, the last-token logits agree."""
@@ -145,7 +147,8 @@ def test_merge_keeps_the_original_rope_positions(small_dir, small_engine):
     full = small_engine.prepare(IMAGES, PROMPTS)
     with torch.inference_mode():
         logits, _ = plan.prefill(model, batch, None)
-        feats, centres, sizes = plan.visual_features_and_sources(model, batch)
+        vt = plan.visual_tokens(model, batch)
+        feats, centres, sizes = vt.features, vt.sources, vt.sizes
         pos = plan.positions(batch.input_ids, centres)
         img = model.cfg.image_token_index
         B, T = full.input_ids.shape
@@ -246,8 +249,9 @@ def test_yaml_errors(tmp_path, small_dir):
     assert PruningConfig.from_yaml(tmp_path / "e.yaml").merge_sparsity_weight == 1e-4  # YAML's '1e-4' string
 
 
-@pytest.mark.parametrize("name,cfg", [("none", None)] + [POLICIES[i] for i in (0, 1, 2, 3, 4, 5)],
-                         ids=["none", "two_stage", "question_aware", "threshold", "fastv", "pdrop", "visionzip"])
+@pytest.mark.parametrize("name,cfg", [("none", None)] + [POLICIES[i] for i in (0, 1, 2, 3, 4, 5, 7, 8)],
+                         ids=["none", "two_stage", "question_aware", "threshold", "fastv", "pdrop", "visionzip",
+                              "dart", "divprune"])
 def test_shared_image_prefix_gives_the_same_answers(small_dir, small_engine, name, cfg):
     """Three questions about one image and one about another: the prefix runs once per image
     (engine/shared_prefix.py) and the answers equal those of an unshared prefill."""

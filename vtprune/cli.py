@@ -24,8 +24,12 @@ def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False, embedd
     more = " (repeat with --compare)" if repeatable else ""
     p.add_argument("--pruning", default=None, action="append" if repeatable else "store",
                    help="pruning config YAML (e.g. configs/vision_token_pruning.yaml)" + more)
-    p.add_argument("--policy", default=None, choices=["two_stage", "fastv", "pdrop", "visionzip", "random"],
-                   help="override the config's policy (a baseline needs --budget)")
+    p.add_argument("--policy", default=None,
+                   help="override the config's policy: two_stage, fastv, pdrop, dart, visionzip, divprune, random "
+                        "or a registered one (a baseline needs --budget)")
+    p.add_argument("--policy-module", default=None, action="append", metavar="MODULE",
+                   help="import MODULE first (a Python module on the path that registers pruning policies "
+                        "with vtprune.pruning.register_policy); repeatable")
     p.add_argument("--budget", type=int, default=None, action="append" if repeatable else "store",
                    help="baselines: average visual tokens per decoder layer" + more)
 
@@ -68,8 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="results path stem: writes STEM.json and STEM.md (and STEM.png "
                                                 "with --compare); default: print only")
     e.add_argument("--compare", action="store_true",
-                   help="unpruned, each --pruning (two-stage) config, and fastv/pdrop/visionzip/random at each "
-                        "config's budget and at every --budget; plots accuracy against visual tokens")
+                   help="unpruned, each --pruning (two-stage) config, and every training-free policy (fastv, "
+                        "pdrop, dart, visionzip, divprune, random and registered ones) at each config's budget and "
+                        "at every --budget; plots accuracy against visual tokens")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
@@ -380,10 +385,22 @@ def one_line_warnings(prog: str):
         yield
 
 
+def import_policy_modules(names) -> None:
+    """--policy-module: import each module (its register_policy calls fill the registry)."""
+    import importlib
+
+    for name in names or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise VtpruneError(f"--policy-module {name}: cannot import it: {e}") from None
+
+
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         with one_line_warnings("vtprune"):
+            import_policy_modules(getattr(args, "policy_module", None))
             return _COMMANDS[args.command](args)
     except (Exception, KeyboardInterrupt) as e:
         code = report_error("vtprune", e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import LlavaModelConfig, TextConfig, VisionConfig
@@ -347,9 +348,11 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, x, positions, cache=None, write_slot=None, attn_masks=None, layers=None, probes=None,
-                key_logmasks=None, pasts=None):
+                key_logmasks=None, pasts=None, value_scales=None, checkpoint=False):
         """Runs `layers` (default all; a range lets the pruned prefill stop between layers).
-        probes / key_logmasks: optional {layer index: ...} passed to that layer's attention.
+        probes / key_logmasks / value_scales: optional {layer index: ...} passed to that layer's
+        attention (value_scales: training's straight-through keep masks, see Attention.forward).
+        checkpoint: gradient checkpointing, each layer recomputed in the backward pass (training).
         A decode step (write_slot given) reads RoPE from the table built by build_table."""
         cos, sin = (self.rotary(positions, x.dtype) if write_slot is None else self.rotary.lookup(positions, x.dtype))
         masks = {}  # layers given the same key_logmask tensor share one [B, 1, T, T] mask
@@ -359,9 +362,11 @@ class Decoder(nn.Module):
                 if id(km) not in masks:
                     masks[id(km)] = prefill_key_mask(km, x.dtype)
                 km = masks[id(km)]
-            x = self.layers[i](x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i],
-                               None if probes is None else probes.get(i), km,
-                               None if pasts is None else pasts[i])
+            args = (x, cos, sin, cache, write_slot, None if attn_masks is None else attn_masks[i],
+                    None if probes is None else probes.get(i), km, None if pasts is None else pasts[i],
+                    None if value_scales is None else value_scales.get(i))
+            x = (torch.utils.checkpoint.checkpoint(self.layers[i], *args, use_reentrant=False) if checkpoint
+                 else self.layers[i](*args))
         return x
 
     def logits(self, h):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from ..errors import VtpruneError
 from ..files import read_yaml
 from ..validate import check_int, check_number, is_int, is_number, show, type_name, yaml_number
+from .policies import get_policy, policy_names
 
-POLICIES = ("two_stage", "fastv", "pdrop", "visionzip", "random")
 OPTIMIZERS = ("token_merger", "layer_pruners", "discriminator")
 
 
@@ -48,9 +48,8 @@ class PruningConfig:
     # derivative w.r.t. each kept token's additive attention bias, which also says "take attention
     # off big (sink-like) merged tokens": heads drift towards dropping the largest clusters.
     # "value": the derivative w.r.t. a scale on each kept token's value vector (its content),
-    # leaving the softmax's redistribution out. SynthVQA, a head at layer 2 of 6 (merge 288,
-    # locality on), val accuracy every 150 steps: logit 94.4, 89.7, 89.3, 90.6; value 92.7, 92.3,
-    # 94.9, 94.9. On a layers-4/5 schedule they were alike (best 95.3 / 94.9). Dev box, 2026-11-27.
+    # leaving the softmax's redistribution out; "value" kept an early (layer-2) head steady on
+    # SynthVQA (README, *Pruning*: val accuracy of both per checkpoint).
     mask_gradient: str = "logit"
     # > 0: the merger's and heads' selection logits are standardized per row and multiplied by
     # this (modules.standardize_logits says why); 0: raw logits, as the first heads were trained
@@ -167,11 +166,12 @@ class PruningConfig:
                 want = " or ".join(f"'{c}'" for c in choices) if len(choices) == 2 else "one of " + ", ".join(choices)
                 bad(key, f"must be {want}, got {show(v)}")
 
-        choice("policy", POLICIES)
-        if self.budget is not None or self.policy != "two_stage":
+        choice("policy", policy_names())  # the built-ins and every registered policy
+        needs_budget = get_policy(self.policy).needs_budget
+        if self.budget is not None or needs_budget:
             if not is_int(self.budget) or self.budget < 1:
                 bad("budget", f"must be a positive integer for policy '{self.policy}', got {show(self.budget)}"
-                    if self.policy != "two_stage" else f"must be a positive integer (or null), got {show(self.budget)}")
+                    if needs_budget else f"must be a positive integer (or null), got {show(self.budget)}")
         choice("merger_type", ("simple", "question_aware"))
         number("merge_ratio", 0, 1, lo_open=True, want="in (0, 1]")
         if not isinstance(self.proportional_attention, bool):
@@ -240,7 +240,7 @@ class PruningConfig:
         def bad(key, msg):
             raise VtpruneError(f"pruning config: '{key}' {msg}")
 
-        if self.policy == "two_stage":
+        if not get_policy(self.policy).needs_budget:
             if self.target_merge_tokens > num_visual_tokens:
                 bad("target_merge_tokens", f"is {self.target_merge_tokens}, more than the model's "
                                            f"{num_visual_tokens} visual tokens")

@@ -64,17 +64,14 @@ class TokenMerger(nn.Module):
         # for a centre is a cosine: every centre is its own best match and each other token joins
         # the centre it resembles most (clustering). With raw dot products of independent random
         # projections a few long vectors took most tokens and many centres were left with others'
-        # features: on the SynthVQA model a 576 -> 230 merge with untrained heads gave 51%
-        # accuracy and caption BLEU 2 (random selection of 163 tokens: 80%, BLEU 30), and 100
-        # training steps did not undo it. Dev box, 2026-11-27.
+        # features, which training did not undo (README, *Measured quality*: 51% before training).
         self.query_proj.load_state_dict(self.key_proj.state_dict())
         # Spatial locality (merge_locality = lam > 0): a token's score for a centre also falls with
         # their squared distance on the patch grid, (cos - lam |p_n - p_c|^2) / tau with p in units
         # of the grid's side; lam is learned (kept positive as exp(log_locality)). Without it,
         # look-alike tokens far apart merge into one (two red triangles become one token), which
         # costs exactly what needs separate objects: counting and captions listing objects left to
-        # right (SynthVQA merge-only 576 -> 200: count 90%, BLEU 64 vs 78 unpruned on 200 test
-        # questions + 101 captions; dev box, 2026-11-27).
+        # right (README, *Pruning*: merge_locality).
         self.log_locality = (nn.Parameter(torch.tensor(math.log(cfg.merge_locality)))
                              if cfg.merge_locality > 0 else None)
         self.logit_scale, self.logit_bias = cfg.selection_logit_scale, selection_bias(cfg)
@@ -141,11 +138,9 @@ def standardize_logits(logits: torch.Tensor, scale: float, bias: torch.Tensor | 
     (all when None); the other entries come back unchanged; bias None: logits unchanged (the
     option is off). Per row and monotonic, so a top-k
     selection is the same as on the raw logits: what changes is training. Unbounded, the keep
-    logits of the SynthVQA heads grew to spreads of hundreds or thousands within 600 steps (row
-    quantiles -4658 ... -758 at layer 2, -371 ... -46 at layer 4) and the merger's to ~50:
-    Adam's steps grow the scale because it beats training's Gumbel noise, after which the noise
-    explores nothing and soft masks' gradient (sigmoid' at tau 0.1) is zero everywhere but at the
-    boundary. Dev box, 2026-11-27."""
+    logits grow (Adam's steps grow the scale because it beats training's Gumbel noise), after
+    which the noise explores nothing and soft masks' gradient (sigmoid' at tau 0.1) is zero
+    everywhere but at the boundary (README, *Pruning*: the spreads measured on SynthVQA)."""
     if bias is None:
         return logits
     x = logits.float()
@@ -192,3 +187,9 @@ class PruningModules(nn.Module):
         super().__init__()
         self.merger = TokenMerger(cfg, vision_dim, text_dim)
         self.pruners = nn.ModuleDict({str(i): PrunerHead(cfg, text_dim) for i in cfg.pruning_layers})
+
+    @classmethod
+    def for_model(cls, cfg: PruningConfig, mcfg) -> "PruningModules":
+        """The modules for a model's widths (the vision features LLaVA selects, the decoder's
+        hidden size), randomly initialised from torch's current seed."""
+        return cls(cfg, mcfg.vision.hidden_size * len(mcfg.vision_feature_layers), mcfg.text.hidden_size)

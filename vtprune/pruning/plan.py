@@ -1,26 +1,17 @@
-"""PruningPlan: how a policy prunes, and the pruned prefill that carries it out.
+"""PruningPlan: a policy (policy.py, the built-ins in policies.py) attached to a model, and the
+pruned prefill that carries its decisions out.
 
-Stage 0 (before the decoder) changes how many image tokens a prompt holds:
-  two_stage  the TokenMerger merges N vision tokens into target_merge_tokens
-  visionzip  dominant tokens by CLS attention + contextual tokens merged from the rest (budget)
-  random     budget tokens drawn uniformly (seeded, reproducible)
-Later stages drop visual tokens *inside* the decoder, before a layer l:
-  two_stage  PrunerHead keep logits at each of pruning_layers (top-k or threshold: ragged rows)
-  fastv      after layer K = 2 of 32 (FastV's default; the same relative depth on other models, at
-             least 1), ranked by the last token's attention at layer K-1
-  pdrop      at L/4, L/2, 3L/4 with one keep ratio, ranked by the last instruction token's attention
-             at the layer before (PyramidDrop)
-Attention scores come from one query row against the keys (a probe on the layer's q and k), never
-from materialised attention matrices. Dropped tokens leave the residual stream: hidden states and
-position ids (original positions kept) are gathered with vtprune.kernels.gather_tokens, and the KV
-caches of the pruning layer and later only ever hold kept tokens.
+The policy decides; the plan does the rest, the same way for every policy: stage 0's image run
+(RoPE positions: the full-run ones for policies that keep them, the proportional-attention bias
+for merges), the drop points' top-k or threshold keep sets, and the gathers that take dropped
+tokens out of the residual stream (hidden states, positions, bias: vtprune.kernels.gather_tokens)
+so that the KV caches of the pruning layer and later only ever hold kept tokens.
 
 Budgets: `budget` is the average number of visual tokens per decoder layer, the usual unit for
-comparing these methods; each baseline's schedule is solved for it (see `_schedule`).
+comparing these methods; each policy's schedule is solved for it.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -28,18 +19,18 @@ import torch
 
 from ..engine.config import LlavaModelConfig
 from ..engine.flops import prefill_flops
-from ..engine.generate import PreparedBatch, vision_features
+from ..engine.generate import PreparedBatch
 from ..engine.model import LlavaModel
+from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
 from ..errors import VtpruneError
 from ..kernels import gather_tokens, gumbel_topk
 from .config import PruningConfig
 from .modules import PruningModules, size_bias
+from .policies import get_policy
+from .policy import DropPoint, LayerInput, VisualInput, VisualTokens
+from .tokens import keep_indices, original_positions, question_mask
 
-
-@dataclass
-class DropPoint:
-    layer: int        # tokens are dropped before this decoder layer
-    keep: int | None  # visual tokens kept per row (None: threshold mode, per-row count)
+__all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "build_plan", "masked_prefill"]
 
 
 @dataclass
@@ -57,39 +48,21 @@ class PruningPlan:
         self.cfg, self.mcfg, self.modules = cfg, model_cfg, modules
         n, L = model_cfg.num_visual_tokens, model_cfg.text.num_layers
         cfg.check_against_model(n, L)
-        self.visual_in_sequence, self.drop_points = self._schedule(n, L)
+        self.policy = get_policy(cfg.policy)(cfg, model_cfg, modules)
+        schedule = self.policy.schedule(n, L)
+        self.visual_in_sequence, self.drop_points = schedule.visual_in_sequence, list(schedule.drop_points)
+        self._check_schedule(n, L)
 
-    # ------------------------------------------------------------------ schedules
-    def _schedule(self, n: int, L: int) -> tuple[int, list[DropPoint]]:
-        c = self.cfg
-        if c.policy == "two_stage":
-            m = min(c.target_merge_tokens, n)
-            keeps = [None] * len(c.pruning_layers) if c.keep_mode == "threshold" else c.layer_keep_tokens
-            return m, [DropPoint(layer, k) for layer, k in zip(c.pruning_layers, keeps)]
-        b = c.budget
-        if c.policy in ("visionzip", "random"):
-            return b, []
-        if c.policy == "fastv":
-            K = min(max(1, round(2 * L / 32)), L - 1)  # FastV prunes after layer 2 of 32: same relative depth
-            keep = round((L * b - K * n) / (L - K))
-            if keep < 1:
-                raise VtpruneError(f"pruning config: 'budget' {b} is too small for fastv: the first {K} layer{'s' if K > 1 else ''} "
-                                   f"alone hold {K * n / L:.0f} visual tokens per layer on average")
-            return n, [DropPoint(K, min(keep, n))]
-        # pdrop: stages at L/4, L/2, 3L/4 keep n * lam^s; the layer average is n (1 + lam + lam^2 + lam^3) / 4
-        layers = sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
-        floor = (n * layers[0] + (L - layers[0])) / L  # every later stage down to one token
-        if floor > b + 1:  # within a token of the budget is as close as rounding gets anyway
-            raise VtpruneError(f"pruning config: 'budget' {b} is too small for pdrop: its first {layers[0]} of {L} "
-                               f"layers alone hold {n * layers[0] / L:.0f} visual tokens per layer on average")
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            lam = (lo + hi) / 2
-            bounds = [0] + layers + [L]
-            avg = sum(n * lam ** s * (bounds[s + 1] - bounds[s]) for s in range(len(bounds) - 1)) / L
-            lo, hi = (lam, hi) if avg < b else (lo, lam)
-        keeps = [max(1, round(n * lam ** (s + 1))) for s in range(len(layers))]
-        return n, [DropPoint(layer, k) for layer, k in zip(layers, keeps)]
+    def _check_schedule(self, n: int, L: int) -> None:
+        """A policy's schedule is its author's code: refuse one the prefill cannot carry out."""
+        where = f"pruning policy '{self.cfg.policy}': schedule"
+        if not 1 <= self.visual_in_sequence <= n:
+            raise VtpruneError(f"{where}: {self.visual_in_sequence} visual tokens in the sequence (1..{n})")
+        layers = [p.layer for p in self.drop_points]
+        if layers != sorted(set(layers)) or any(not 1 <= l < L for l in layers):
+            raise VtpruneError(f"{where}: drop layers {layers} must ascend, each in 1..{L - 1}")
+        if any(p.keep is not None and p.keep < 1 for p in self.drop_points):
+            raise VtpruneError(f"{where}: every drop point keeps at least one visual token")
 
     def visual_tokens_per_layer(self) -> list[int]:
         """Visual tokens entering each decoder layer (top-k schedules; threshold mode: upper bound)."""
@@ -138,14 +111,12 @@ class PruningPlan:
 
     @property
     def position_offset(self) -> int:
-        """How far the text after the image sits from its index in the sequence: two-stage merges
-        keep the original RoPE positions (each merged token at its centre's place in the 576-token
-        run, the text after it where it was), as layer pruning does. The decoder was trained on
-        full runs and reads relative positions (the SynthVQA model's left/right accuracy fell from
-        85% to 25% with contiguous positions after a 576 -> 230 merge; dev box, 2026-11-27).
-        Pre-decoder baselines (VisionZip-style, random) feed fewer tokens at contiguous positions,
-        as their published code does."""
-        if self.cfg.policy != "two_stage":
+        """How far the text after the image sits from its index in the sequence. Policies that
+        keep positions (two-stage merges) place each stage-0 token at its source's place in the
+        full run and the text after it where it was, as layer pruning does: the decoder was
+        trained on full runs and reads relative positions (README, *Measured quality*: left/right accuracy
+        with contiguous positions). The others feed fewer tokens at contiguous positions."""
+        if not self.policy.keeps_positions:
             return 0
         return self.mcfg.num_visual_tokens - self.visual_in_sequence
 
@@ -162,12 +133,9 @@ class PruningPlan:
     def uses_key_bias(self) -> bool:
         """Proportional attention (ToMe, Bolya et al. 2023): every attention logit of a merged
         token gets + log(size), size = how many tokens it stands for, so that a token merged from
-        s similar ones draws the attention those s did. The decoder was trained on full runs; on
-        the SynthVQA model a 576 -> 200 merge without it wrote objects twice in captions (BLEU
-        57.5 on 40 captions, unpruned 77.8; with it 71.5; QA accuracy 96% either way; dev box,
-        2026-11-27)."""
-        return (self.cfg.policy == "two_stage" and self.cfg.proportional_attention
-                and self.visual_in_sequence < self.mcfg.num_visual_tokens)
+        s similar ones draws the attention those s did (README, *Pruning*: without it merged runs
+        wrote objects twice in captions)."""
+        return bool(self.policy.proportional_attention and self.visual_in_sequence < self.mcfg.num_visual_tokens)
 
     def key_bias(self, input_ids: torch.Tensor, sizes: torch.Tensor | None, dtype) -> torch.Tensor | None:
         """[B, T] additive attention bias of a prompt batch: log(size) at the image slots, 0 at
@@ -179,44 +147,31 @@ class PruningPlan:
         return bias.to(dtype)
 
     # ------------------------------------------------------------------ stage 0
-    def visual_features(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False) -> torch.Tensor:
-        """Projected visual tokens [B, visual_in_sequence, D] for the prompt's image slots."""
-        return self.visual_features_and_sources(model, batch, noise)[0]
-
-    def visual_features_and_sources(self, model: LlavaModel, batch: PreparedBatch, noise: bool = False):
-        """(projected visual tokens [B, visual_in_sequence, D], the full-run index each one stands
-        for [B, visual_in_sequence] (two-stage merge centres) or None, the number of tokens each
-        one stands for [B, visual_in_sequence] (two-stage merges) or None)."""
-        c = self.cfg
-        if c.policy == "visionzip":
-            cls_attn = {}
-            feats = vision_features(model, batch, probe=lambda q, k: cls_attn.update(a=_cls_attention(q, k)))
-            a = cls_attn["a"] if batch.image_index is None else cls_attn["a"][batch.image_index]
-            return model.projector(_visionzip(feats, a, self.visual_in_sequence, self.mcfg)), None, None
-        feats = vision_features(model, batch)
-        if c.policy == "random":
-            # one random subset (seed 0) for every image: reproducible, and a row's result does
-            # not depend on what else is in its batch
-            g = torch.Generator(feats.device).manual_seed(0)
-            scores = torch.rand(feats.shape[1], generator=g, device=feats.device).expand(feats.shape[:2])
-            idx = scores.topk(self.visual_in_sequence, dim=-1).indices.sort(-1).values
-            feats = feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))
-        sources = sizes = None
-        if c.policy == "two_stage":
-            question, valid = None, None
-            if c.merger_type == "question_aware":
-                qmask = _question_mask(batch.input_ids, self.mcfg.image_token_index, batch.lengths)
-                question, valid = _pack(model.decoder.embed_tokens(batch.input_ids), qmask)
-            feats, sources, _, sizes = self.modules.merger(feats, c.temperature_min, question, valid, noise=noise)
-        return model.projector(feats), sources, sizes
+    def visual_tokens(self, model: LlavaModel, batch: PreparedBatch, **training) -> VisualTokens:
+        """The policy's stage 0: the image run of each row ([B, visual_in_sequence, D] projected
+        tokens, with their sources and sizes where the policy gives them), checked. `training`:
+        VisualInput's training options (features, tau, noise, seed), for the trainer's forward."""
+        inp = VisualInput(model, batch, self.visual_in_sequence, self.mcfg.image_token_index, **training)
+        out = self.policy.select_visual(inp)
+        f = out.features
+        want = (batch.input_ids.shape[0], self.visual_in_sequence, self.mcfg.text.hidden_size)
+        if not isinstance(f, torch.Tensor) or tuple(f.shape) != want:
+            got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise VtpruneError(f"pruning policy '{self.cfg.policy}': select_visual returned features of shape "
+                               f"{got}, expected {want}")
+        for name in ("sources", "sizes"):
+            t = getattr(out, name)
+            if t is not None and tuple(t.shape) != want[:2]:
+                raise VtpruneError(f"pruning policy '{self.cfg.policy}': select_visual returned {name} of shape "
+                                   f"{tuple(t.shape)}, expected {want[:2]}")
+        return out
 
     # ------------------------------------------------------------------ the pruned prefill
     def prefill(self, model: LlavaModel, batch: PreparedBatch, cache, share_prefix: bool = True):
         """Like engine.generate.prefill, dropping visual tokens at each drop point.
         Returns (last-token logits [B, V], PrefillTrace)."""
-        from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
-
-        feats, sources, sizes = self.visual_features_and_sources(model, batch)
+        vt = self.visual_tokens(model, batch)
+        feats, sources, sizes = vt.features, vt.sources, vt.sizes
         x = model.embed(batch.input_ids, feats)
         B, T = batch.input_ids.shape
         dev = x.device
@@ -225,7 +180,7 @@ class PruningPlan:
         bias = self.key_bias(batch.input_ids, sizes, x.dtype)  # proportional attention, or None
         index = torch.arange(T, device=dev).expand(B, T).contiguous()  # what PrefillTrace.kept reports
         is_visual = (batch.input_ids == self.mcfg.image_token_index).long()
-        is_question = _question_mask(batch.input_ids, self.mcfg.image_token_index, lengths).long()
+        is_question = question_mask(batch.input_ids, self.mcfg.image_token_index, lengths).long()
         if cache is not None:
             cache.set_lengths(lengths)
             if bias is not None:
@@ -236,10 +191,9 @@ class PruningPlan:
         vis_count, trace = is_visual.sum(1), PrefillTrace([], [], {})
         start = 0
         # Rows about one image share the layers before the first decision (and before any
-        # attention probe); a question-aware merge makes even the image tokens row-specific.
-        question_aware = self.cfg.policy == "two_stage" and self.cfg.merger_type == "question_aware"
+        # probe); a question-aware stage 0 makes even the image tokens row-specific.
         sharing = (plan_sharing(batch, self.mcfg.image_token_index)
-                   if share_prefix and not question_aware and self.position_offset == 0 else None)
+                   if share_prefix and not self.policy.question_aware and self.position_offset == 0 else None)
         if sharing is not None:
             stop = min([*points, *probes.hooks, L])
             if stop > 0:
@@ -257,7 +211,7 @@ class PruningPlan:
             if layer == L:
                 break
             keep = self._keep_mask(model, points[layer], x, is_visual, is_question, lengths, probes.scores.get(layer))
-            idx, new_len = _keep_indices(keep)
+            idx, new_len = keep_indices(keep)
             x = gather_tokens(x, idx, new_len, validate=False)
             positions = gather_tokens(positions, idx, new_len, validate=False)
             index = gather_tokens(index, idx, new_len, validate=False)
@@ -275,17 +229,18 @@ class PruningPlan:
         last = x[torch.arange(B, device=dev), lengths - 1]
         return model.decoder.logits(last), trace
 
-    def _keep_mask(self, model, point: DropPoint, x, is_visual, is_question, lengths, scores):
-        """[B, T] bool: every valid text token, plus the visual tokens this policy keeps."""
+    def _keep_mask(self, model, point: DropPoint, x, is_visual, is_question, lengths, probe):
+        """[B, T] bool: every valid text token, plus the visual tokens the policy's scores keep
+        (the `keep` best, or those whose sigmoid passes keep_threshold; at least one)."""
         B, T = is_visual.shape
         valid = torch.arange(T, device=x.device)[None, :] < lengths[:, None]
         vis = is_visual.bool() & valid
-        if self.cfg.policy == "two_stage":
-            head = self.modules.pruners[str(point.layer)]
-            vx, vvalid = _pack(x, vis)
-            qx, qvalid = _pack(x, is_question.bool() & valid)
-            logits = head(vx, qx, qvalid, vvalid).masked_fill(~vvalid, float("-inf"))
-            scores = _unpack(logits, vis, T)
+        inp = LayerInput(point.layer, point.keep, x, vis, is_question.bool() & valid, lengths, probe)
+        scores = self.policy.score(inp)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, T):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise VtpruneError(f"pruning policy '{self.cfg.policy}': score at layer {point.layer} returned {got}, "
+                               f"expected a [B, T] = {(B, T)} tensor")
         scores = scores.float().masked_fill(~vis, float("-inf"))
         if point.keep is None:  # threshold: a per-row count; at least one visual token survives
             chosen = vis & (torch.sigmoid(scores) > self.cfg.keep_threshold)
@@ -298,26 +253,21 @@ class PruningPlan:
         return (valid & ~vis) | chosen
 
     def _probes(self, points, lengths):
-        """Attention-score probes for fastv/pdrop: at layer l-1, the last prompt token's attention."""
-        probes = _Probes(lengths)
-        if self.cfg.policy in ("fastv", "pdrop"):
+        """The policy's probe (if any) at layer l-1 of each drop point l."""
+        probes = _Probes(lengths, self.policy.probe)
+        if self.policy.probe is not None:
             for layer in points:
                 probes.add(layer - 1, layer)
         return probes
 
     # ------------------------------------------------------------------ FLOPs
     def prefill_flops(self, trace: PrefillTrace, unpruned_lengths: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Per row: (prefill FLOPs with this plan, without pruning), see engine/flops.py; the
-        two-stage modules add their linear layers' multiply-accumulates."""
+        """Per row: (prefill FLOPs with this plan, without pruning), see engine/flops.py; a policy's
+        own modules add their multiply-accumulates (PruningPolicy.extra_flops)."""
         mcfg = self.mcfg
         L, nv = mcfg.text.num_layers, mcfg.num_visual_tokens
         full = [prefill_flops(mcfg, [n] * L, nv) for n in unpruned_lengths.tolist()]
-        extra = 0
-        if self.cfg.policy == "two_stage":
-            di, d = self.cfg.pruner_d_internal, mcfg.text.hidden_size
-            d_in = mcfg.vision.hidden_size * len(mcfg.vision_feature_layers)
-            extra += nv * (3 * d_in * di + 2 * di * di)                   # merger projections + importance MLP
-            extra += len(self.drop_points) * self.visual_in_sequence * (2 * d * di + 6 * di * di)  # pruner heads
+        extra = self.policy.extra_flops()
         totals = torch.stack(trace.total, 1).tolist()  # [B, L]
         pruned = [prefill_flops(mcfg, row, self.visual_in_sequence, extra) for row in totals]
         return pruned, full
@@ -328,7 +278,8 @@ def masked_prefill(model: LlavaModel, plan: PruningPlan, batch: PreparedBatch, k
     keys of tokens dropped there (and earlier) are masked out (additive -inf). `kept` is
     PrefillTrace.kept (or the same structure from hard masks). With the same decisions this
     gives the dropping prefill's last-token logits (tests/test_pruning.py checks it)."""
-    feats, sources, sizes = plan.visual_features_and_sources(model, batch)
+    vt = plan.visual_tokens(model, batch)
+    feats, sources, sizes = vt.features, vt.sources, vt.sizes
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape
     positions = plan.positions(batch.input_ids, sources)
@@ -348,105 +299,16 @@ def masked_prefill(model: LlavaModel, plan: PruningPlan, batch: PreparedBatch, k
 
 
 class _Probes:
-    """Hooks computing, at layer l-1, the last prompt token's attention used to prune before l.
-    `lengths` is updated by the prefill after every drop (the last token moves)."""
+    """Hooks running the policy's probe at layer l-1 for the decision before l. `lengths` is
+    updated by the prefill after every drop (the last token moves)."""
 
-    def __init__(self, lengths):
-        self.hooks, self.scores, self.lengths = {}, {}, lengths
+    def __init__(self, lengths, probe):
+        self.hooks, self.scores, self.lengths, self.probe = {}, {}, lengths, probe
 
     def add(self, at_layer: int, for_layer: int):
         def hook(q, k):
-            lengths = self.lengths
-            B, H, T, Dh = q.shape
-            qi = q[torch.arange(B, device=q.device), :, lengths - 1]  # [B, H, Dh]: the last prompt token
-            if k.shape[1] != H:
-                k = k.repeat_interleave(H // k.shape[1], dim=1)
-            s = torch.einsum("bhd,bhtd->bht", qi.float(), k.float()) / math.sqrt(Dh)
-            valid = torch.arange(T, device=q.device)[None, None, :] < lengths[:, None, None]
-            self.scores[for_layer] = s.masked_fill(~valid, float("-inf")).softmax(-1).mean(1)
+            self.scores[for_layer] = self.probe(q, k, self.lengths)
         self.hooks[at_layer] = hook
-
-
-def original_positions(input_ids: torch.Tensor, image_token: int, sources: torch.Tensor, num_visual: int) -> torch.Tensor:
-    """Positions [B, T] for rows whose one image run holds M = sources.shape[1] tokens standing
-    for full-run indices `sources` (ascending): the image run starts at s, its token j sits at
-    s + sources[j], and every token after the run at its index + (num_visual - M)."""
-    B, T = input_ids.shape
-    dev = input_ids.device
-    M = sources.shape[1]
-    start = (input_ids == image_token).long().argmax(1)  # each row's first image token
-    idx = torch.arange(T, device=dev)[None, :]
-    positions = idx + (idx >= (start + M)[:, None]).long() * (num_visual - M)
-    cols = start[:, None] + torch.arange(M, device=dev)[None, :]
-    return positions.scatter(1, cols, start[:, None] + sources.to(positions.dtype))
-
-
-def _question_mask(input_ids, image_token: int, lengths) -> torch.Tensor:
-    """Prompt tokens after the image run (the question), within each row's length."""
-    img = input_ids == image_token
-    after = (img.long().cumsum(1) > 0) & ~img
-    T = input_ids.shape[1]
-    return after & (torch.arange(T, device=input_ids.device)[None, :] < lengths[:, None])
-
-
-def _pack(x, mask):
-    """Rows' selected positions packed to the front: ([B, max count, D], valid [B, max count])."""
-    B, T = mask.shape
-    order = torch.where(mask, torch.arange(T, device=mask.device), T).sort(1).values
-    n = int(mask.sum(1).max()) if B else 0
-    order = order[:, : max(n, 1)]
-    valid = order < T
-    packed = x.gather(1, order.clamp(max=T - 1)[..., None].expand(-1, -1, x.shape[-1]))
-    return packed * valid[..., None].to(packed.dtype), valid
-
-
-def _unpack(values, mask, T):
-    """Inverse of _pack for per-token scalars: [B, n] -> [B, T] (-inf where mask is False)."""
-    B = mask.shape[0]
-    order = torch.where(mask, torch.arange(T, device=mask.device), T).sort(1).values[:, : values.shape[1]]
-    out = torch.full((B, T + 1), float("-inf"), device=values.device, dtype=values.dtype)
-    out.scatter_(1, order, values)
-    return out[:, :T]
-
-
-def _keep_indices(keep):
-    """Kept positions per row in ascending order and their count (padding entries are 0)."""
-    B, T = keep.shape
-    idx = torch.where(keep, torch.arange(T, device=keep.device), T).sort(1).values
-    counts = keep.sum(1)
-    n = int(counts.max())  # one host sync per drop point (prefill only)
-    idx = idx[:, :n]
-    return torch.where(idx == T, 0, idx), counts
-
-
-def _cls_attention(q, k):
-    """Attention of the CLS token (position 0) over the patch tokens, averaged over heads."""
-    s = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float()) / math.sqrt(q.shape[-1])
-    return s.softmax(-1).mean(1)[:, 1:]  # [B, patches]
-
-
-def _visionzip(feats, cls_attn, budget: int, mcfg: LlavaModelConfig):
-    """VisionZip-style: budget * 54/64 dominant tokens by CLS attention, the rest of the budget as
-    contextual tokens: evenly spaced anchors among the remaining tokens, every remaining token
-    averaged into its most similar anchor (VisionZip's 54 + 10 split for 64 tokens)."""
-    B, N, D = feats.shape
-    patch = feats[:, -cls_attn.shape[1]:]  # 'full' strategy keeps CLS at 0: rank patches only
-    dominant = max(1, round(budget * 54 / 64))
-    contextual = budget - dominant
-    dom_idx = cls_attn.topk(dominant, dim=-1).indices.sort(-1).values
-    dom = patch.gather(1, dom_idx[..., None].expand(-1, -1, D))
-    if contextual <= 0:
-        return dom
-    rest_mask = torch.ones(B, patch.shape[1], dtype=torch.bool, device=feats.device).scatter_(1, dom_idx, False)
-    rest_idx = torch.where(rest_mask, torch.arange(patch.shape[1], device=feats.device), patch.shape[1]).sort(1).values
-    rest_idx = rest_idx[:, : patch.shape[1] - dominant]
-    rest = patch.gather(1, rest_idx[..., None].expand(-1, -1, D))
-    step = max(1, rest.shape[1] // contextual)
-    anchors = rest[:, ::step][:, :contextual]
-    sim = torch.nn.functional.normalize(rest.float(), dim=-1) @ torch.nn.functional.normalize(anchors.float(), dim=-1).transpose(1, 2)
-    assign = torch.nn.functional.one_hot(sim.argmax(-1), anchors.shape[1]).to(rest.dtype)  # [B, R, C]
-    ctx = assign.transpose(1, 2) @ rest / assign.sum(1)[..., None].clamp(min=1)
-    return torch.cat([dom, ctx], dim=1)
 
 
 def build_plan(cfg: PruningConfig, model: LlavaModel, device, dtype, seed: int = 0) -> PruningPlan:
@@ -455,8 +317,7 @@ def build_plan(cfg: PruningConfig, model: LlavaModel, device, dtype, seed: int =
     if cfg.policy == "two_stage":
         mcfg = model.cfg
         torch.manual_seed(seed)
-        modules = PruningModules(cfg, mcfg.vision.hidden_size * len(mcfg.vision_feature_layers),
-                                 mcfg.text.hidden_size)
+        modules = PruningModules.for_model(cfg, mcfg)
         if cfg.weights:
             from .weights import load_pruning_weights
             load_pruning_weights(modules, cfg.weights)

@@ -167,10 +167,14 @@ def run_settings(engine, examples, settings: list[tuple[str, object]], skipped: 
 
 
 def comparison_settings(engine, two_stage: list[str], budgets: list[int],
-                        baselines=("fastv", "pdrop", "visionzip", "random")) -> list[tuple[str, object]]:
+                        baselines=None) -> list[tuple[str, object]]:
     """Unpruned, each two-stage config, and every baseline at each two-stage config's budget
-    (rounded to a token) and at each extra `budgets` value."""
-    from ..pruning import PruningConfig
+    (rounded to a token) and at each extra `budgets` value. Baselines: every registered policy
+    that runs at a budget (the built-in training-free ones and any registered from outside)."""
+    from ..pruning import PruningConfig, get_policy, policy_names
+
+    if baselines is None:
+        baselines = [n for n in policy_names() if get_policy(n).needs_budget]
 
     settings: list[tuple[str, object]] = [("unpruned", None)]
     all_budgets = []

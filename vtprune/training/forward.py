@@ -20,14 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from ..engine.generate import PreparedBatch
 from ..engine.inputs import PromptEncoder, format_prompt, load_image
 from ..engine.model import LlavaModel
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
-from ..pruning.modules import PruningModules, size_bias
-from ..pruning.plan import _pack, _question_mask, original_positions
+from ..pruning.modules import PruningModules
+from ..pruning.plan import PruningPlan
+from ..pruning.tokens import pack, question_mask
 
 
 @dataclass
@@ -98,7 +99,7 @@ def answer_positions(seq: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _text_mask(seq: Sequences, image_token: int) -> torch.Tensor:
     """[B, T] bool: tokens after the image run (question and answer), within each row."""
-    return _question_mask(seq.input_ids, image_token, seq.lengths)
+    return question_mask(seq.input_ids, image_token, seq.lengths)
 
 
 def _pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,45 +158,47 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
                     vision_feats: torch.Tensor, tau: float, seed: int | None, layers: list[int],
                     noise: bool = True, gradient_checkpointing: bool = False) -> StudentOutput:
     """The pruned model with soft decisions (see the module docstring). `seed` draws the Gumbel
-    noise of every stage (stage s uses seed + s)."""
+    noise of every stage (stage s uses seed + s). Stage 0 (the merge, its RoPE positions and its
+    proportional-attention bias) is the inference plan's own (PruningPlan.visual_tokens,
+    positions, key_bias); the layers then run with additive key log-masks instead of drops."""
     seq = batch.pruned
     image_token = model.cfg.image_token_index
     B, T = seq.input_ids.shape
-    question, qvalid = None, None
-    prompt_q = _question_mask(seq.input_ids, image_token, seq.prompt_lengths)
-    if cfg.merger_type == "question_aware":
-        question, qvalid = _pack(model.decoder.embed_tokens(seq.input_ids), prompt_q)
-    merged, centres, merge_logits, sizes = modules.merger(vision_feats, tau, question, qvalid, noise=noise, seed=seed)
-    x = model.embed(seq.input_ids, model.projector(merged))
+    plan = PruningPlan(cfg, model.cfg, modules)
+    prompt_q = question_mask(seq.input_ids, image_token, seq.prompt_lengths)
+    prompts = PreparedBatch(seq.input_ids, seq.prompt_lengths, batch.pixel_values)  # the question ends the prompt
+    vt = plan.visual_tokens(model, prompts, features=vision_feats, tau=tau, noise=noise, seed=seed)
+    x = model.embed(seq.input_ids, vt.features)
     dev = x.device
-    # the merged tokens at their centres' original positions, as inference places them
-    # (PruningPlan.position_offset)
-    positions = original_positions(seq.input_ids, image_token, centres, vision_feats.shape[1])
-    cos, sin = model.decoder.rotary(positions, x.dtype)
+    positions = plan.positions(seq.input_ids, vt.sources)  # merged tokens at their centres' places
     is_visual = seq.input_ids == image_token
-    M = merged.shape[1]
+    M = vt.features.shape[1]
     vis_pos = is_visual.nonzero()[:, 1].view(B, M)  # every row holds exactly M image tokens
     text = _text_mask(seq, image_token)
 
     alive = torch.ones(B, M, device=dev)
-    # proportional attention (PruningPlan.uses_key_bias): + log(size) on each merged token's keys
-    bias = size_bias(sizes).to(x.dtype) if cfg.proportional_attention and M < vision_feats.shape[1] else None
-    logmask = None if bias is None else torch.zeros(B, T, device=dev, dtype=x.dtype).scatter(1, vis_pos, bias)
+    logmask = plan.key_bias(seq.input_ids, vt.sizes, x.dtype)  # + log(size) on merged tokens' keys, or None
+    bias = None if logmask is None else logmask.gather(1, vis_pos)
     head_logits, candidates, kept, feats = {}, {}, {}, []
     value_scale = None
     keeps = dict(zip(cfg.pruning_layers, cfg.layer_keep_tokens))
-    for i, layer in enumerate(model.decoder.layers):
-        if i in keeps:
+    L = model.cfg.text.num_layers
+    # segments of layers that share one log-mask: a new one starts at each pruning layer, and
+    # the discriminator reads the hidden states after each of `layers`
+    bounds = sorted(({*keeps, *(l + 1 for l in layers), L}) - {0})
+    start = 0
+    for stop in bounds:
+        if start in keeps:
             vis_h = x.gather(1, vis_pos[..., None].expand(-1, -1, x.shape[-1]))
-            q_h, q_valid = _pack(x, prompt_q)
+            q_h, q_valid = pack(x, prompt_q)
             alive_b = alive > 0.5
-            logits = modules.pruners[str(i)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
-            k = min(keeps[i], M)
+            logits = modules.pruners[str(start)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
+            k = min(keeps[start], M)
             _, mask, _ = gumbel_topk(logits, k, tau=tau, noise=noise,
                                      seed=None if seed is None else seed + 1 + len(head_logits), validate=False)
-            head_logits[i], candidates[i] = logits, alive_b
+            head_logits[start], candidates[start] = logits, alive_b
             alive = alive * mask.float()
-            kept[i] = (alive > 0.5).sum(1)
+            kept[start] = (alive > 0.5).sum(1)
             if cfg.mask_gradient == "value":
                 # the keep masks' gradient through the kept tokens' values (PruningConfig says why)
                 vis_lm = _LogMask.apply(alive.detach())
@@ -205,10 +208,14 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
             if bias is not None:
                 vis_lm = vis_lm + bias
             logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
-        args = (x, cos, sin, None, None, None, None, logmask, None, value_scale)
-        x = checkpoint(layer, *args, use_reentrant=False) if gradient_checkpointing else layer(*args)
-        if i in layers:
+        seg = range(start, stop)
+        x = model.decoder(x, positions, layers=seg,
+                          key_logmasks=None if logmask is None else dict.fromkeys(seg, logmask),
+                          value_scales=None if value_scale is None else dict.fromkeys(seg, value_scale),
+                          checkpoint=gradient_checkpointing)
+        if stop - 1 in layers:
             feats.append(_pooled(x, text))
+        start = stop
     r, c = answer_positions(seq)
-    return StudentOutput(model.decoder.logits(x[r, c]), torch.stack(feats, 1), merge_logits, head_logits,
+    return StudentOutput(model.decoder.logits(x[r, c]), torch.stack(feats, 1), vt.logits, head_logits,
                          candidates, kept)

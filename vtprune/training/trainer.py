@@ -131,8 +131,7 @@ class Trainer:
         self.device, self.dtype = self.engine.device, self.engine.dtype
 
         torch.manual_seed(s.seed)  # every rank starts from the same weights
-        self.modules = PruningModules(self.cfg, mcfg.vision.hidden_size * len(mcfg.vision_feature_layers),
-                                      mcfg.text.hidden_size)
+        self.modules = PruningModules.for_model(self.cfg, mcfg)
         if self.cfg.weights:  # start from earlier weights
             from ..pruning.weights import load_pruning_weights
             load_pruning_weights(self.modules, self.cfg.weights)
