@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 from conftest import make_image
+from masked_reference import masked_prefill
 
 from vtprune import LlavaEngine, VtpruneError, format_prompt
 from vtprune.pruning import (DropPoint, PruningConfig, PruningPolicy, Schedule, VisualTokens, get_policy,
                              policy_names, register_policy)
-from vtprune.pruning.plan import masked_prefill
 from vtprune.pruning.policies import dart_scores, max_min_diverse
 from vtprune.pruning.policy import REGISTRY
 

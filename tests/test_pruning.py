@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 from conftest import make_image
+from masked_reference import masked_prefill
 
 from vtprune import LlavaEngine, VtpruneError, format_prompt
 from vtprune.pruning import PruningConfig
-from vtprune.pruning.plan import masked_prefill
 from vtprune.pruning.weights import save_pruning_weights
 
 QUESTIONS = ["What is it?", "Describe the picture in one sentence, please.", "How many objects?"]

@@ -114,16 +114,17 @@ def test_cli_compare_writes_json_markdown_and_plot(small_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.load(open(str(out) + ".json"))
     names = [x["name"] for x in data["results"]]
-    assert names == ["unpruned", "two_stage@11", "visionzip@6", "random@6", "fastv@11", "pdrop@11", "visionzip@11",
-                     "random@11"]
-    assert [s["name"] for s in data["skipped"]] == ["fastv@6", "pdrop@6"]  # unreachable on 4 layers
-    # where the run is: each setting's bar (stderr) and each skip (stdout) says "setting i/10"
-    order = ["unpruned", "two_stage@11", "fastv@6", "pdrop@6", "visionzip@6", "random@6", "fastv@11", "pdrop@11",
-             "visionzip@11", "random@11"]
+    assert names == ["unpruned", "two_stage@11", "visionzip@6", "divprune@6", "random@6", "fastv@11", "pdrop@11",
+                     "dart@11", "visionzip@11", "divprune@11", "random@11"]
+    skipped = ["fastv@6", "pdrop@6", "dart@6"]  # unreachable on 4 layers
+    assert [s["name"] for s in data["skipped"]] == skipped
+    # where the run is: each setting's bar (stderr) and each skip (stdout) says "setting i/14"
+    order = ["unpruned", "two_stage@11", "fastv@6", "pdrop@6", "dart@6", "visionzip@6", "divprune@6", "random@6",
+             "fastv@11", "pdrop@11", "dart@11", "visionzip@11", "divprune@11", "random@11"]
     for i, name in enumerate(order, 1):
-        where = r.stdout if name in ("fastv@6", "pdrop@6") else r.stderr
-        assert f"setting {i}/10 {name}" in where, (name, r.stdout, r.stderr[-3000:])
-    assert "setting 3/10 fastv@6: skipped: " in r.stdout
+        where = r.stdout if name in skipped else r.stderr
+        assert f"setting {i}/14 {name}" in where, (name, r.stdout, r.stderr[-3000:])
+    assert "setting 3/14 fastv@6: skipped: " in r.stdout
     # --predictions: every setting that ran, 9 records each (3 images: 2 questions + a caption), tagged
     recs = [json.loads(x) for x in open(pred)]
     assert [x["setting"] for x in recs] == [n for n in names for _ in range(9)]

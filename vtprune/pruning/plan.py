@@ -30,7 +30,7 @@ from .policies import get_policy
 from .policy import DropPoint, LayerInput, VisualInput, VisualTokens
 from .tokens import keep_indices, original_positions, question_mask
 
-__all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "build_plan", "masked_prefill"]
+__all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "build_plan"]
 
 
 @dataclass
@@ -271,31 +271,6 @@ class PruningPlan:
         totals = torch.stack(trace.total, 1).tolist()  # [B, L]
         pruned = [prefill_flops(mcfg, row, self.visual_in_sequence, extra) for row in totals]
         return pruned, full
-
-
-def masked_prefill(model: LlavaModel, plan: PruningPlan, batch: PreparedBatch, kept: dict) -> torch.Tensor:
-    """The training-mode forward: no token leaves the sequence; from each drop layer on, the
-    keys of tokens dropped there (and earlier) are masked out (additive -inf). `kept` is
-    PrefillTrace.kept (or the same structure from hard masks). With the same decisions this
-    gives the dropping prefill's last-token logits (tests/test_pruning.py checks it)."""
-    vt = plan.visual_tokens(model, batch)
-    feats, sources, sizes = vt.features, vt.sources, vt.sizes
-    x = model.embed(batch.input_ids, feats)
-    B, T = batch.input_ids.shape
-    positions = plan.positions(batch.input_ids, sources)
-    bias = plan.key_bias(batch.input_ids, sizes, torch.float32)
-    logmask = torch.zeros(B, T, device=x.device) if bias is None else bias
-    key_logmasks = {}
-    for layer in range(model.cfg.text.num_layers):
-        if layer in kept:
-            pos, lengths = kept[layer]
-            alive = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
-            valid = torch.arange(pos.shape[1], device=x.device)[None, :] < lengths[:, None]
-            alive.scatter_(1, torch.where(valid, pos, T), True)
-            logmask = logmask.masked_fill(~alive[:, :T], float("-inf"))
-        key_logmasks[layer] = logmask
-    h = model.decoder(x, positions, key_logmasks=key_logmasks)
-    return model.decoder.logits(h[torch.arange(B, device=x.device), batch.lengths - 1])
 
 
 class _Probes:

@@ -8,8 +8,9 @@ PrunerHead's keep logits go through gumbel_topk (the kernels' autograd wrapper),
 the product of every mask so far, and from that layer on its log (0 or -inf) is added to the
 attention scores of every query for those keys (an additive log-mask on keys: the decoder's
 `key_logmask`; with proportional attention log(size) of each merged token is added there too).
-With the same decisions this is exactly the dropping prefill of inference
-(`masked_prefill` is tested equal to it), and gradients reach every head through the mask.
+With the same decisions this is exactly the dropping prefill of inference (tests compare the
+prefill with the same masked forward, tests/masked_reference.py), and gradients reach every head
+through the mask.
 
 Text tokens (question and answer) are the same in both sequences: the task loss compares the
 two models' next-token distributions at the answer positions, and the discriminator sees the
