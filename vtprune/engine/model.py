@@ -15,7 +15,7 @@ from torch import nn
 from .config import LlavaModelConfig, TextConfig, VisionConfig
 from .kv_cache import KVCache
 
-_ACTIVATIONS = {
+_ACTIVATIONS = {  # keyed by config.ACTIVATIONS (tests/test_layout.py checks they agree)
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

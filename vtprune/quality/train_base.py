@@ -328,10 +328,10 @@ def stage_b(model, head, examples: Examples, steps: int, batch: int, seed: int, 
 def save(model, tokenizer, out: str, meta: dict) -> None:
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from ..engine.engine import _quiet_transformers
+    from ..engine.runtime import quiet_transformers
 
     os.makedirs(out, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out)
         ip = CLIPImageProcessor(size={"shortest_edge": sv.IMAGE_SIZE},
                                 crop_size={"height": sv.IMAGE_SIZE, "width": sv.IMAGE_SIZE},
@@ -349,7 +349,7 @@ def load_init_model(path: str):
     safetensors only (`use_safetensors=True`: a directory holding only pytorch_model.bin is refused,
     never unpickled), from local files, without remote code."""
     from ..engine.config import LlavaModelConfig
-    from ..engine.engine import _quiet_transformers
+    from ..engine.runtime import quiet_transformers
     from ..engine.weights import checkpoint_files, safetensors_header
     from ..errors import CheckpointError, VtpruneError
     from ..files import check_dir
@@ -364,7 +364,7 @@ def load_init_model(path: str):
     from transformers import LlavaForConditionalGeneration
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True,
                                                                  trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -418,7 +418,7 @@ def _main(argv=None) -> int:
     from ..engine.weights import read_tensors
     from ..errors import CheckpointError
     from ..files import make_output_dir
-    from ..tiny_model import build_tokenizer
+    from ..engine.tokenizer import build_tokenizer
 
     p = argparse.ArgumentParser(description="train the SynthVQA LLaVA from scratch")
     p.add_argument("--out", required=True)
