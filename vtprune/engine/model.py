@@ -388,10 +388,6 @@ class LlavaModel(nn.Module):
         if t is None or t.dtype != dtype:
             self.decoder.rotary.build_table(self.cfg.text.max_position_embeddings + self.cfg.num_visual_tokens, dtype)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, visual tokens, text hidden] in the decoder's dtype."""
-        return self.projector(self.vision(pixel_values))
-
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token runs replaced by the image features [S, n, D], in
         order (row by row, each row's placeholders left to right, as transformers' masked_scatter
