@@ -156,3 +156,66 @@ def test_config_accepts_exactly_the_activations_the_model_implements():
     from vtprune.engine import config, model
 
     assert sorted(model._ACTIVATIONS) == sorted(config.ACTIVATIONS)
+
+
+# --------------------------------------------------------------------------- the README's map
+def readme_map() -> str:
+    """The code block under the README's '## Architecture' heading."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("```\n", text.index("\n## Architecture\n")) + 4
+    return text[start:text.index("```\n", start)]
+
+
+def mapped_files(tree: str) -> set[str]:
+    """Paths (relative to the repository) of the .py files the map names. A line that starts at
+    column 0 with `DIR/` opens a top-level directory; under vtprune/, a line whose first word is
+    `SUB/` (two spaces in) opens a subpackage, a first word that is a file names a top-level module;
+    every `NAME.py` on a line belongs to the directory opened last (NAME may carry subdirectories,
+    `lmms/ models/vtprune.py` style entries too)."""
+    named, top, sub = set(), "", ""
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        words = line.split()
+        opener = not line.startswith(" ") or not line.startswith("   ")  # column 0 or 2
+        if not line.startswith(" "):
+            top, sub = (words[0] if words[0].endswith("/") else ""), ""
+        elif opener:
+            sub = words[0] if words[0].endswith("/") else ""
+        prefix = ""  # a `DIR/` word inside a section (e.g. `lmms/`) prefixes the names after it
+        for i, w in enumerate(words):
+            w = w.strip("`,;:()")
+            if w.endswith("/") and not (i == 0 and opener):
+                prefix = w
+            elif w.endswith(".py"):
+                base = top + (sub if top == "vtprune/" else "")
+                named.add(os.path.normpath(base + prefix + w))
+    return named
+
+
+def test_map_reader():
+    tree = ("vtprune/\n  cli.py   the CLI\n  engine/  a.py  b.py, c.py\n           d.py\n"
+            "  quality/ e.py\n           lmms/  models/f.py\nbench/   g.py\n")
+    assert mapped_files(tree) == {"vtprune/cli.py", "vtprune/engine/a.py", "vtprune/engine/b.py",
+                                  "vtprune/engine/c.py", "vtprune/engine/d.py", "vtprune/quality/e.py",
+                                  "vtprune/quality/lmms/models/f.py", "bench/g.py"}
+
+
+def _py_files(top: str) -> set[str]:
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        out |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames
+                if f.endswith(".py") and f != "__init__.py"}
+    return out
+
+
+def test_readme_map_names_every_module():
+    """Every .py file under vtprune/ (and recipes/, benchmarks/), except __init__.py, has its line in
+    the README's layout map, in its directory; and the map names no file that does not exist."""
+    named = mapped_files(readme_map())
+    files = _py_files("vtprune") | _py_files("recipes") | _py_files("benchmarks")
+    assert not files - named, f"README's Architecture map lacks: {sorted(files - named)}"
+    gone = sorted(p for p in named if not os.path.isfile(os.path.join(ROOT, p)))
+    assert not gone, f"README's Architecture map names files that do not exist: {gone}"
