@@ -59,9 +59,10 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from vtprune import LlavaEngine, format_prompt
-    from vtprune.cli import _default_device_dtype, check_model_dir, check_yaml, report_error
+    from vtprune.cli import check_model_dir, check_yaml, report_error
     from vtprune.demo import ASSET_MODEL, default_model_dir, default_pruning, demo_examples, has_trained_default
     from vtprune.engine.arguments import check_max_new_tokens
+    from vtprune.engine.runtime import default_device_dtype
     from vtprune.pruning import PruningConfig
 
     try:
@@ -72,7 +73,7 @@ def run(argv=None) -> int:
         if args.pruning is not None:
             check_yaml(args.pruning, "pruning config")
         model_dir = args.model or default_model_dir()
-        device, dtype = _default_device_dtype(args.device, args.dtype)
+        device, dtype = default_device_dtype(args.device, args.dtype)
         t = time.perf_counter()
         engine = LlavaEngine.from_pretrained(model_dir, device=device, dtype=dtype)
         print(f"model: {model_dir} ({device}, {dtype}), loaded in {time.perf_counter() - t:.1f} s")

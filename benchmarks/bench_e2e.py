@@ -35,7 +35,7 @@ from results_io import RESULTS_DIR, device_name, today, write_results  # noqa: E
 
 from vtprune import LlavaEngine  # noqa: E402
 from vtprune.engine.config import LlavaModelConfig  # noqa: E402
-from vtprune.engine.generate import PreparedBatch  # noqa: E402
+from vtprune.engine.inputs import PreparedBatch  # noqa: E402
 
 
 def make_inputs(cfg: LlavaModelConfig, batch: int, text_tokens: int, device, dtype, seed=0, n_vis=None):

@@ -1,13 +1,13 @@
 """Kernel microbenchmarks: each vtprune op against the unfused PyTorch version, same run
 (gumbel_topk, soft_merge forward+backward, gather_tokens, compact_kv).
 
-    python benchmarks/bench_kernels.py            # GPU: the shapes of ../shared/perf-anchors.md
+    python benchmarks/bench_kernels.py            # GPU: the 7B shapes (the project's perf anchors)
     python benchmarks/bench_kernels.py --tiny     # CPU smoke run (small shapes)
 
 Times are medians (triton.testing.do_bench on a GPU when triton is installed, else CUDA events /
 wall clock over --repeats runs). GB/s counts bytes read + written once (the minimum traffic);
 "of copy" is that against the card's copy ceiling (--copy-gbs, default 4250 GB/s: H200,
-perf-anchors.md). Writes JSON and a markdown table into benchmarks/results/.
+benchmarks/hardware.py). Writes JSON and a markdown table into benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def case(name, shape, nbytes, args, device, ours, base):
 
 
 def selection_cases(args, device):
-    """gumbel_topk against noise + topk + sort (the unfused PyTorch version, perf-anchors.md)."""
+    """gumbel_topk against noise + topk + sort (the unfused PyTorch version, as in the project's perf anchors)."""
     rows = []
     for B in args.topk_batches:
         N, k = args.topk_shape
@@ -224,7 +224,7 @@ def main(argv=None):
         dtype = torch.float32
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # perf-anchors.md: hidden B=64 576->288 D=4096; one layer's K,V B=64 H=32 676->400 Dh=128
+        # the perf anchors' shapes: hidden B=64 576->288 D=4096; one layer's K,V B=64 H=32 676->400 Dh=128
         args.hidden_shape, args.kv_shape, args.layers = (64, 576, 288, 4096), (64, 32, 676, 400, 128), 32
         # gumbel_topk: B=64 and B=1, N=576, k=288; soft_merge: B=64, N=576, M=288, D=1024 (issue #3),
         # d = pruner_d_internal 512 (the design's merger; the kernel reads it in tiles since issue 18)

@@ -18,9 +18,9 @@ class Card:
     source: str
 
 
-# Measured on the lent machine, ../shared/perf-anchors.md (2026-11-26, torch 2.11.0+cu130):
-# "device-to-device copy: 4250 GB/s (bytes read + written)", "bf16 8192^3 matmul: 693 TFLOP/s".
-H200 = Card("NVIDIA H200", 4250.0, 693.0, "../shared/perf-anchors.md, measured 2026-11-26")
+# The project's perf anchors for the lent H200 (device-to-device copy counting bytes read +
+# written; a bf16 8192^3 matmul); when and how they were measured: README "Benchmarks".
+H200 = Card("NVIDIA H200", 4250.0, 693.0, "the project's perf anchors (README: Benchmarks)")
 CARDS = {"h200": H200}
 
 

@@ -116,7 +116,7 @@ def test_torchrun_two_processes_match_a_single_process(small_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "-m", "vtprune.batch", *base, "--output", str(multi)], cwd=ROOT, env=env,
+                        str(free_port()), "-m", "vtprune", "batch", *base, "--output", str(multi)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     key = lambda rec: (str(rec.get("id")), rec.get("line") or 0)  # noqa: E731

@@ -15,8 +15,8 @@ STAGES = ["env", "build", "gpu_tests", "kernels", "decode", "audit", "compile", 
 
 
 def test_7b_floors_match_perf_anchors():
-    """perf-anchors.md: decode at B = 1 is 13.2 GB of decoder weights / 4250 GB/s = 3.1 ms; at B = 64
-    unpruned (64 x ~650 tokens x 0.5 MiB of KV) ~8.2 ms."""
+    """The perf anchors (README "Benchmarks"): decode at B = 1 is 13.2 GB of decoder weights /
+    4250 GB/s = 3.1 ms; at B = 64 unpruned (64 x ~650 tokens x 0.5 MiB of KV) ~8.2 ms."""
     import hardware
     from vtprune.engine.config import LlavaModelConfig
     from vtprune.model_configs import llava_1_5_7b_config

@@ -573,7 +573,7 @@ def test_checkpoint_round_trip_restores_the_optimizers(tmp_path):
 
 
 # --------------------------------------------------------------------------- security
-SCANNED = ["vtprune", "benchmarks", "main.py"]
+SCANNED = ["vtprune", "benchmarks", "recipes", "main.py"]
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "pandas"}
 UNSAFE_YAML = {"load", "load_all", "unsafe_load", "unsafe_load_all", "full_load", "full_load_all", "Loader",
                "UnsafeLoader", "FullLoader"}
@@ -657,7 +657,7 @@ def _scanned_files():
 
 def test_no_loader_can_unpickle_or_run_model_code():
     files = list(_scanned_files())
-    assert len(files) > 30 and os.path.join(ROOT, "vtprune", "quality", "train_base.py") in files
+    assert len(files) > 30 and os.path.join(ROOT, "recipes", "train_base.py") in files
     found = []
     for path in files:
         text = open(path, encoding="utf-8").read()
@@ -722,7 +722,8 @@ def no_unpickling(monkeypatch):
 
 
 def test_train_base_init_from_refuses_a_pickle_only_directory(tmp_path, no_unpickling):
-    from vtprune.quality.train_base import load_init_model
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from train_base import load_init_model
 
     d = _pickle_only_dir(tmp_path)
     with pytest.raises(CheckpointError) as e:
@@ -774,7 +775,7 @@ def test_cli_bad_config_json_and_bad_yaml_are_one_line(small_dir, tmp_path):
 
 def test_cli_train_base_init_from_pickles_is_one_line(tmp_path):
     d = _pickle_only_dir(tmp_path)
-    r = run([sys.executable, "-m", "vtprune.quality.train_base", "--out", str(tmp_path / "out"), "--init-from", str(d),
+    r = run([sys.executable, os.path.join(ROOT, "recipes", "train_base.py"), "--out", str(tmp_path / "out"), "--init-from", str(d),
              "--steps-a", "0"])
     assert_cli_error(r, f"train_base: error: no model*.safetensors files in {d} (found pickle files")
     assert not (tmp_path / "unpickled").exists() and not (tmp_path / "out").exists()

@@ -22,9 +22,9 @@ def processor():
     torchvision: shortest edge 336, bicubic, centre crop 336x336)."""
     from transformers import AutoImageProcessor
 
-    from vtprune.engine.engine import _quiet_transformers
+    from vtprune.engine.runtime import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoImageProcessor.from_pretrained(ASSET_MODEL, local_files_only=True)
 
 
@@ -423,9 +423,9 @@ def test_engine_prepare_gives_the_reference_pixels_for_an_elongated_and_a_hostil
                                                                                           tmp_path):
     from transformers import AutoImageProcessor
 
-    from vtprune.engine.engine import _quiet_transformers
+    from vtprune.engine.runtime import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         ref = AutoImageProcessor.from_pretrained(small_dir, local_files_only=True)
     tall = Image.fromarray(noise((3000, 2, 3), seed=15))  # 84 x 126000 before the crop
     tall.save(tmp_path / "tall.png")

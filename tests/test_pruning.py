@@ -276,13 +276,15 @@ def test_shared_image_prefix_gives_the_same_answers(small_dir, small_engine, nam
 
 
 def test_shared_prefix_runs_the_prefix_once(small_engine, monkeypatch):
-    from vtprune.engine import shared_prefix
+    from vtprune.engine import generate, shared_prefix
 
     calls = []
     real = shared_prefix.prefill_shared_prefix
-    monkeypatch.setattr(shared_prefix, "prefill_shared_prefix",
-                        lambda model, batch, x, sharing, stop, cache: calls.append(sharing[2].tolist()) or
-                        real(model, batch, x, sharing, stop, cache))
+    spy = (lambda model, batch, x, sharing, stop, cache: calls.append(sharing[2].tolist()) or
+           real(model, batch, x, sharing, stop, cache))
+    # where it is called from: generate.prefill (imported name) and pruning/plan.py (module attribute)
+    monkeypatch.setattr(generate, "prefill_shared_prefix", spy)
+    monkeypatch.setattr(shared_prefix, "prefill_shared_prefix", spy)
     im = make_image(52)
     small_engine.next_token_logits([im, im, im], PROMPTS)
     assert calls == [[0]]  # one distinct prefix, computed from row 0
@@ -409,7 +411,7 @@ def test_decoding_through_the_cache_matches_the_masked_forward(small_dir, propor
     """Token log-probs of a continuation read through the KV cache (pruned, compacted, with the
     merged tokens' log(size) biases in the decode masks) equal a full recompute of prompt +
     continuation with the same decisions (masked_prefill), one row at a time."""
-    from vtprune.engine.generate import PreparedBatch
+    from vtprune.engine.inputs import PreparedBatch
 
     # exact cache capacities (no rounding up), so that each segment of layers holds fewer slots
     monkeypatch.setattr("vtprune.engine.engine._SLOT_ROUND", 1)

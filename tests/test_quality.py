@@ -10,6 +10,9 @@ import pytest
 from vtprune.quality import synthvqa as sv
 from vtprune.quality.metrics import bleu, exact_match, normalize_answer
 
+# the research scripts (recipes/train_base.py, select_heads.py) are imported by file name
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+
 
 def test_samples_are_deterministic_and_splits_differ():
     a, objs, qs, cap = sv.sample(3, 7)
@@ -194,8 +197,8 @@ def test_base_training_targets_and_conversations():
     import torch
 
     from vtprune.engine.inputs import format_prompt
-    from vtprune.quality.train_base import GRID, Examples, patch_labels, pixels, training_questions
-    from vtprune.tiny_model import build_tokenizer
+    from train_base import GRID, Examples, patch_labels, pixels, training_questions
+    from vtprune.engine.tokenizer import build_tokenizer
 
     img, objs, qs, cap = sv.sample(4, 2)
     y = patch_labels(objs)
@@ -232,7 +235,7 @@ def test_base_training_targets_and_conversations():
     # one packed forward == each turn alone behind the image (block mask, positions restart)
     from transformers import LlavaForConditionalGeneration
 
-    from vtprune.quality.train_base import build_config
+    from train_base import build_config
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(build_config(tok)).eval()
     px, ids, mask, pos, labels, dense = ex.batch(4, 2, 2)
@@ -263,7 +266,7 @@ def test_select_heads_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
 
     from vtprune import LlavaEngine
     from vtprune.quality.evaluate import evaluate, load_records
-    from vtprune.quality.select_heads import main
+    from select_heads import main
 
     cfg, data = _write_run(tmp_path, lr=1e-2, temperature=0.1)
     with open(data, "a") as f:  # a caption-type record, so that BLEU is scored too

@@ -57,7 +57,8 @@ def test_training_forward_equals_the_dropping_prefill(small_dir, tmp_path, merge
         torch.nn.init.normal_(p, std=0.3)
     examples = tr.data.examples[:3]
     batch = tr.builder.build(examples, tr.device, tr.dtype)
-    from vtprune.engine.generate import PreparedBatch, vision_features
+    from vtprune.engine.generate import vision_features
+    from vtprune.engine.inputs import PreparedBatch
     with torch.no_grad():
         vis = vision_features(tr.model, PreparedBatch(batch.full.input_ids, batch.full.lengths, batch.pixel_values))
         out = student_forward(tr.model, tr.modules, tr.cfg, batch, vis, tr.cfg.temperature_min, None, tr.layers,

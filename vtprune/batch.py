@@ -57,6 +57,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from . import __version__
+from .engine import inputs as engine_inputs  # load_image read at call time (tests patch it)
+from .engine.inputs import IMAGE_TOKEN, format_prompt
 from .errors import VtpruneError
 from .files import check_file, check_output_file, iter_lines, open_regular
 
@@ -118,8 +121,6 @@ def _unicode_problem(s: str, field: str) -> str | None:
 
 def _to_request(record: dict, line: int, key: str, allow_objects: bool = False) -> Request:
     """A valid Request or a VtpruneError naming what is wrong with the record (its id is valid)."""
-    from .engine.inputs import IMAGE_TOKEN, format_prompt
-
     image = record.get("image")
     if image is None:
         raise VtpruneError("missing field 'image'")
@@ -189,8 +190,6 @@ def check_settings(batch_size, max_new_tokens, window: int = 8) -> None:
 def check_context(engine, max_new_tokens: int) -> None:
     """Refuse a max_new_tokens that no prompt could satisfy: even '<image>' alone (BOS and the
     visual tokens that enter the decoder, fewer with pruning) plus max_new_tokens must fit."""
-    from .engine.inputs import IMAGE_TOKEN
-
     ctx = engine.cfg.text.max_position_embeddings
     shortest = len(engine.prompts.encode(IMAGE_TOKEN))
     if shortest + max_new_tokens > ctx:
@@ -202,8 +201,6 @@ def check_context(engine, max_new_tokens: int) -> None:
 def settings_fingerprint(engine, max_new_tokens: int, extra: dict | None = None) -> str:
     """12 hex digits naming what decides whether a request can be answered at all (not the
     batch size: 'even alone' errors do not depend on it)."""
-    from . import __version__
-
     plan = getattr(engine, "plan", None)
     cfg = getattr(plan, "cfg", None)
     pruning = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else (repr(cfg) if cfg is not None else None)
@@ -315,12 +312,10 @@ class _Answerer:
     def _load(self, image):
         """(PIL image, None) or (None, error fields). Any failure of one image is that request's
         error: PIL's DecompressionBombError, a plugin's struct.error, MemoryError, ..."""
-        from .engine.inputs import load_image
-
         try:
             if isinstance(image, (str, os.PathLike)):
                 check_file(image, "image")  # a FIFO or a device is refused before any open
-            return load_image(image, 0, self.engine.image_processor), None
+            return engine_inputs.load_image(image, 0, self.engine.image_processor), None
         except VtpruneError as e:
             return None, {"error": str(e).replace("image 0: ", "image ", 1)}
         except MemoryError as e:  # the machine's limit more than the image's fault
@@ -874,14 +869,3 @@ def run_job(engine, input_path: str, output_path: str, batch_size: int = 16, max
     """Answer every not-yet-answered request of input_path into output_path (appending)."""
     job = open_job(input_path, output_path, batch_size, max_new_tokens, shard)
     return job.run(engine, progress=progress, settings=settings)
-
-
-def main(argv=None) -> int:
-    """`python -m vtprune.batch ...` (also under torchrun) and `vtprune batch ...`."""
-    from .cli import main as cli_main
-
-    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

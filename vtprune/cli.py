@@ -8,9 +8,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
+import warnings
 
+from . import demo
+from .batch import check_world, merge_parts, open_job
+from .engine import LlavaEngine, format_prompt
+from .engine import arguments as check
+from .engine.inputs import IMAGE_TOKEN
+from .engine.runtime import default_device_dtype
 from .errors import VtpruneError
+from .files import (check_dir, check_output_dir, check_output_file, check_readable, os_error_reason,
+                    read_yaml)
+from .quality.evaluate import (comparison_settings, environment, evaluate, load_records, output_paths,
+                               run_settings, to_markdown, write_outputs)
 
 
 def _add_model_args(p: argparse.ArgumentParser, repeatable: bool = False, embedded_default: bool = False) -> None:
@@ -103,20 +116,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device_dtype(device, dtype):
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "float32" if str(device).startswith("cpu") else "bfloat16"
-    return device, dtype
-
-
 def pruning_spec(args):
     """--pruning / --policy / --budget -> what LlavaEngine(pruning=...) takes (None: no pruning)."""
     if args.pruning is None and args.policy is None:
         return None
+    # local: importing pruning loads (and on first use JIT-builds) the compiled ops, which a run
+    # without pruning must not wait for
     from .pruning import PruningConfig
 
     if args.pruning:
@@ -133,25 +138,16 @@ def pruning_spec(args):
 def check_model_dir(path) -> None:
     """The model directory exists and can be listed (the same error as LlavaEngine.from_pretrained
     gives, before anything slow runs)."""
-    from .files import check_dir
-
     check_dir(path, "model directory")
 
 
 def check_yaml(path, what: str) -> None:
     """The file is a readable regular file of UTF-8 YAML (each problem one error naming the path);
     its keys are checked where it is loaded."""
-    from .files import read_yaml
-
     read_yaml(path, what)
 
 
 def _cmd_generate(args) -> int:
-    from .engine import LlavaEngine, format_prompt
-    from .engine import arguments as check
-    from .engine.inputs import IMAGE_TOKEN
-    from .files import check_readable
-
     if len(args.image) != len(args.prompt):
         raise VtpruneError(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
     # every argument and path before the (slow) model load: a bad one fails in a second, not after it
@@ -162,17 +158,15 @@ def _cmd_generate(args) -> int:
     check.check_stops(args.stop)
     model = args.model
     if model is None:  # the embedded model, as main.py (a random stand-in when the install lacks it)
-        from .demo import ASSET_MODEL, default_model_dir, has_trained_default
-
-        if not has_trained_default():
-            print(f"vtprune: note: the embedded model's files are missing ({ASSET_MODEL}): a random model "
+        if not demo.has_trained_default():
+            print(f"vtprune: note: the embedded model's files are missing ({demo.ASSET_MODEL}): a random model "
                   f"answers (noise); pass --model DIR", file=sys.stderr)
-        model = default_model_dir()
+        model = demo.default_model_dir()
     check_model_dir(model)
     for image in args.image:
         check_readable(image, "image")
     pruning = pruning_spec(args)
-    device, dtype = _default_device_dtype(args.device, args.dtype)
+    device, dtype = default_device_dtype(args.device, args.dtype)
     engine = LlavaEngine.from_pretrained(model, device=device, dtype=dtype, pruning=pruning)
     engine.compile_decode = args.compile
     prompts = [p if IMAGE_TOKEN in p else format_prompt(p) for p in args.prompt]
@@ -207,10 +201,6 @@ def _runs(values) -> str:
 
 
 def _cmd_batch(args) -> int:
-    import os
-
-    from .batch import check_world, merge_parts, open_job
-
     # Every check that needs no model comes first, before any file is written: a bad job setting
     # is refused at start-up, not turned into an error record per request.
     rank, world = check_world()
@@ -218,9 +208,7 @@ def _cmd_batch(args) -> int:
                    inputs={"pruning config": args.pruning})
     check_model_dir(args.model)
     pruning = pruning_spec(args)
-    from .engine import LlavaEngine
-
-    device, dtype = _default_device_dtype(args.device, args.dtype)
+    device, dtype = default_device_dtype(args.device, args.dtype)
     if world > 1:  # torchrun: every rank answers its shard into its own part file
         import torch
         import torch.distributed as dist
@@ -251,13 +239,6 @@ def _cmd_batch(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import os
-
-    from .engine import LlavaEngine
-    from .files import check_output_file, check_readable
-    from .quality.evaluate import (comparison_settings, environment, evaluate, load_records, output_paths,
-                                   run_settings, to_markdown, write_outputs)
-
     prunings = args.pruning or []
     budgets = args.budget or []
     if not args.compare and (len(prunings) > 1 or len(budgets) > 1):
@@ -286,7 +267,7 @@ def _cmd_eval(args) -> int:
     examples = load_records(args.data)
     if args.limit is not None:
         examples = examples[: args.limit]
-    device, dtype = _default_device_dtype(args.device, args.dtype)
+    device, dtype = default_device_dtype(args.device, args.dtype)
     engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype)
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     if args.compare:
@@ -310,11 +291,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    import math
-    import os
-
-    from .files import check_output_dir, check_output_file, check_readable
-
     if not math.isfinite(args.epochs) or args.epochs <= 0:
         raise VtpruneError(f"--epochs must be a finite number > 0, got {args.epochs}")
     # every path before the data's images are read and the model loads; the run's own files
@@ -326,7 +302,7 @@ def _cmd_train(args) -> int:
     inputs = {"--config file": args.config, "--data file": args.data}
     for name in ("log.jsonl", "pruning.yaml", "pruning.safetensors"):
         check_output_file(os.path.join(args.out, name), "--out file", inputs, parents=True)
-    from .training import Trainer, TrainSettings  # imports (and may build) the compiled ops
+    from .training import Trainer, TrainSettings  # local: importing it may build the compiled ops
 
     settings = TrainSettings(model=args.model, config=args.config, data=args.data, out=args.out, steps=args.steps,
                              epochs=args.epochs, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -360,8 +336,6 @@ def report_error(prog: str, e: BaseException) -> int | None:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     if isinstance(e, OSError):  # a file-system problem the checks at the boundary did not foresee
-        from .files import os_error_reason
-
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{os_error_reason(e)}", file=sys.stderr)
         return 2
@@ -375,8 +349,6 @@ def report_error(prog: str, e: BaseException) -> int | None:
 @contextlib.contextmanager
 def one_line_warnings(prog: str):
     """Warnings (skipped data lines, notes) as `PROG: warning: ...`, one line each, no source line."""
-    import warnings
-
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
 

@@ -1,13 +1,17 @@
 """The embedded default model and the demo inputs used by `python main.py`.
 
 The default is the small SynthVQA LLaVA shipped in vtprune/assets/synthvqa-llava (trained by this
-project with vtprune/quality/train_base.py, see README "Measured quality"), with its two-stage
+project with recipes/train_base.py, see README "Measured quality"), with its two-stage
 pruning heads next to it. If the package was installed without its assets, a random model of the
 same shape is built locally instead (answers are then noise; main.py says so).
 """
 from __future__ import annotations
 
 import os
+import shutil
+
+from .quality import synthvqa as sv
+from .tiny_model import build_tiny_llava
 
 ASSET_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "synthvqa-llava")
 ASSET_PRUNING = os.path.join(ASSET_MODEL, "pruning_201.yaml")
@@ -43,8 +47,6 @@ def default_pruning() -> str | None:
 
 def random_model_dir() -> str:
     """A small random LLaVA of the LLaVA-1.5 shape, built (a few seconds, once) when missing."""
-    from .tiny_model import build_tiny_llava
-
     path = os.path.join(cache_dir(), DEFAULT_MODEL_NAME)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         tmp = path + f".tmp{os.getpid()}"
@@ -53,7 +55,6 @@ def random_model_dir() -> str:
         try:
             os.rename(tmp, path)  # atomic: a concurrent or interrupted build never leaves half a model
         except OSError:
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 
@@ -61,8 +62,6 @@ def random_model_dir() -> str:
 def demo_examples(n: int = 5):
     """n SynthVQA test-split images with one question each (types rotated, the last a caption):
     [(PIL image, question, expected answer)]."""
-    from .quality import synthvqa as sv
-
     out = []
     kinds = list(sv.QUESTION_TYPES)
     for i in range(n):
@@ -78,7 +77,5 @@ def demo_examples(n: int = 5):
 
 def demo_image(seed: int, size: int = 336):
     """A SynthVQA-style image (deterministic per seed), resized when size != 336."""
-    from .quality import synthvqa as sv
-
     img = sv.sample(sv.SPLIT_SEEDS["test"], 20_000 + seed)[0]
     return img if size == sv.IMAGE_SIZE else img.resize((size, size))

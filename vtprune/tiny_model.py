@@ -6,54 +6,16 @@ tokenizer, image processor — using transformers' own `LlavaForConditionalGener
 llava-hf/llava-1.5-7b-hf has, at a size that runs on a laptop CPU. Tests, `python main.py`
 and the CPU benchmark smoke runs use it.
 
-The tokenizer is a byte-level BPE trained on a fixed English snippet, so it encodes any text;
-`<s>`, `</s>`, `<unk>`, `<pad>` and `<image>` are special tokens.
+The tokenizer is the engine's byte-level BPE stand-in (engine/tokenizer.py).
 """
 from __future__ import annotations
 
-import functools
 import os
 
-_CORPUS = """\
-USER: What is in the image? ASSISTANT: The image shows a red circle and a blue square on a grey
-background. What colour is the triangle? The triangle is green. How many objects are there? There
-are three objects. Is the yellow star left or right of the purple square? It is to the left.
-A cat sits on a wooden table next to a cup of coffee. Two people walk along the beach at sunset.
-Describe the picture in one sentence. A small dog plays with a ball in the park while children watch.
-The quick brown fox jumps over the lazy dog. Answer the question using a single word or phrase.
-Yes. No. One. Two. Three. Four. Five. Left. Right. Top. Bottom. Circle. Square. Triangle. Star.
-"""
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-IMAGE_TOKEN = "<image>"
+import torch
 
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int, corpus: str = _CORPUS) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([corpus] * 4, trainer=trainer)
-    tok.add_special_tokens([IMAGE_TOKEN])
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return tok.to_str()
-
-
-def build_tokenizer(vocab_size: int = 512, corpus: str | None = None):
-    """A fast tokenizer (transformers PreTrainedTokenizerFast); `<image>` gets the last id.
-    `corpus`: the text its BPE merges are learned from (default: a fixed English snippet)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer.from_str(_tokenizer_json(vocab_size, corpus or _CORPUS))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>",
-                                   additional_special_tokens=[IMAGE_TOKEN])
+from .engine.runtime import quiet_transformers
+from .engine.tokenizer import IMAGE_TOKEN, build_tokenizer
 
 
 def tiny_llava_config(image_size: int = 336, patch_size: int = 14, vision_hidden: int = 32,
@@ -83,13 +45,9 @@ def tiny_llava_config(image_size: int = 336, patch_size: int = 14, vision_hidden
 
 def build_tiny_llava(out_dir: str, seed: int = 0, **config_kwargs) -> str:
     """Write a random tiny LLaVA in the llava-hf layout to `out_dir` and return it."""
-    import torch
-
-    from .engine.engine import _quiet_transformers
-
     cfg = tiny_llava_config(**config_kwargs)
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
         model = LlavaForConditionalGeneration(cfg).eval()
@@ -112,8 +70,6 @@ def _spread_weights(model, seed: int) -> None:
     """transformers' init (std 0.02) makes a toy model's logits nearly flat, so greedy search
     would hinge on float noise; std 0.2 on the decoder and output layers gives decisive logits
     and exact-match tests that mean something."""
-    import torch
-
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

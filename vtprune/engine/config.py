@@ -16,6 +16,9 @@ from ..errors import CheckpointError, VtpruneError
 from ..files import read_json
 from ..validate import check_bool, check_choice, check_int, check_mapping, check_number, is_int, show, type_name
 
+# The activation functions a config may name (model.py implements each one under this name).
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -162,12 +165,6 @@ class _Section:
         raise CheckpointError(self.where + msg)
 
 
-def _activations() -> tuple[str, ...]:
-    from .model import _ACTIVATIONS  # model.py imports this module: read at call time
-
-    return tuple(sorted(_ACTIVATIONS))
-
-
 def _token_ids(value, key: str, vocab: int, sec: _Section) -> tuple[int, ...]:
     """eos_token_id: an id, a list of ids, or null (none), each in [0, vocab)."""
     if value is None:
@@ -198,7 +195,7 @@ def _parse(d: dict, where: str = "config") -> LlavaModelConfig:
     tt = t.d.get("model_type", "llama")
     if tt != "llama":
         top.fail(f"text_config.model_type is {_quoted(tt)}, only 'llama' is supported")
-    acts = _activations()
+    acts = ACTIVATIONS
 
     vision = VisionConfig(
         hidden_size=v.int("hidden_size"),

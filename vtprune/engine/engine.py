@@ -1,10 +1,7 @@
 """`LlavaEngine`: the public API (load, generate, next_token_logits)."""
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -12,50 +9,22 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CheckpointError, VtpruneError
+from ..files import check_dir, check_file, read_bytes, read_yaml
 from . import arguments as check
-from .config import LlavaModelConfig
-from .generate import CompiledDecode, DecodeGraph, PreparedBatch, decode_step, decode_tokens, prefill
-from .inputs import PromptEncoder, check_pairs, load_image, prompt_images
+from .config import LlavaModelConfig, _Section, _token_ids, read_model_json
+from .flops import prefill_flops, vision_flops
+from .generate import CompiledDecode, DecodeGraph, decode_step, decode_tokens, prefill
+from .inputs import PreparedBatch, PromptEncoder, check_pairs, load_image, prompt_images
 from .kv_cache import KVCache
 from .model import LlavaModel
+from .runtime import quiet_transformers, resolve_device, resolve_dtype
+from .tokenizer import build_tokenizer
 from .weights import load_weights
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 # Prompt capacity and decode length are rounded up to this many slots so that requests of
 # similar length reuse one KV cache and one captured CUDA graph (masked slots cost nothing
 # but reads: at most 63 of ~680 slots for LLaVA-1.5 prompts).
 _SLOT_ROUND = 64
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
-        return _DTYPES[dtype.lower().replace("torch.", "")]
-    raise VtpruneError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
-
-
-def resolve_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise VtpruneError(f"unsupported device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VtpruneError(f"device {device!r} requested but CUDA is not available "
-                               f"(torch {torch.__version__}, no GPU visible)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VtpruneError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise VtpruneError(f"unsupported device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
-    return dev
 
 
 @dataclass
@@ -63,18 +32,6 @@ class GenerationResult:
     text: str
     token_ids: list[int]            # generated ids only; includes the EOS id when one ended the row
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers logs a fallback notice per processor load when torchvision is absent."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _build_on_meta(cfg: LlavaModelConfig) -> LlavaModel:
@@ -107,12 +64,13 @@ class LlavaEngine:
         configuration cannot be used, the error is raised and the engine keeps its previous one."""
         plan, visual = None, self.cfg.num_visual_tokens
         if pruning is not None:
+            # local: pruning sits above the engine (pruning/plan.py imports it), and importing it
+            # loads the compiled ops, which an engine without pruning must not wait for
             from ..pruning import PruningConfig, build_plan
 
             if isinstance(pruning, (str, os.PathLike)):
                 # the file's own problems (missing, a directory, a FIFO, unreadable, not UTF-8,
                 # not YAML) as one error naming the path, before its keys are read
-                from ..files import read_yaml
                 read_yaml(pruning, "pruning config")
             elif not isinstance(pruning, (PruningConfig, dict)):
                 raise VtpruneError(f"pruning must be None, a PruningConfig, a dict or a YAML path, got "
@@ -128,8 +86,6 @@ class LlavaEngine:
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, pruning=None) -> "LlavaEngine":
         """Load a llava-hf directory (config.json, model*.safetensors, tokenizer, preprocessor)."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        from ..files import check_dir
-
         try:  # missing, a file, unreadable, a symlink loop: one error naming the path and why
             path = check_dir(path, "model directory")
         except VtpruneError as e:
@@ -153,7 +109,6 @@ class LlavaEngine:
         model = _build_on_meta(cfg)
         _init_random(model, device, dtype, seed)
         if tokenizer is None:
-            from ..tiny_model import build_tokenizer
             tokenizer = build_tokenizer()
         if image_processor is None:
             image_processor = _default_image_processor(cfg.vision.image_size)
@@ -204,7 +159,7 @@ class LlavaEngine:
             input_ids[i, : len(row)] = torch.tensor(row)
         pixels = None
         if pil:
-            with _quiet_transformers():
+            with quiet_transformers():
                 pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device,
                                                                                                    self.dtype)
         lengths = torch.tensor([len(r) for r in ids], dtype=torch.long)
@@ -351,13 +306,9 @@ class LlavaEngine:
     def _layer_stats(self, batch: PreparedBatch, trace) -> dict[str, list]:
         """Per row: visual and total tokens entering each decoder layer, prefill FLOPs with and
         without pruning (engine/flops.py)."""
-        from .flops import prefill_flops
-
         L, nv = self.cfg.text.num_layers, self.cfg.num_visual_tokens
         lengths = batch.lengths.tolist()
         if trace is None:
-            from .flops import vision_flops
-
             # one vision-tower pass per image (prefill_flops counts one)
             counts = [_images_in_row(batch, i) for i in range(len(lengths))]
             full = [prefill_flops(self.cfg, [n] * L, c * nv) + (c - 1) * vision_flops(self.cfg)
@@ -447,9 +398,6 @@ _PROCESSOR_JSON = ("preprocessor_config.json", "processor_config.json")
 
 
 def _check_model_files(path: str) -> None:
-    from ..files import check_file, read_bytes
-    from .config import read_model_json
-
     def exists(name):
         return os.path.lexists(os.path.join(path, name))
 
@@ -483,7 +431,7 @@ def _load_processors(path: str, cfg: LlavaModelConfig | None = None):
 
     _check_model_files(path)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers / tokenizers parse the model's files, any error is theirs
@@ -497,7 +445,7 @@ def _load_processors(path: str, cfg: LlavaModelConfig | None = None):
 
         size = cfg.vision.image_size
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 shape = tuple(image_processor(images=[Image.new("RGB", (size, size))],
                                               return_tensors="pt")["pixel_values"].shape)
         except Exception as e:  # noqa: BLE001 - the processor's settings come from the model's JSON
@@ -511,7 +459,7 @@ def _load_processors(path: str, cfg: LlavaModelConfig | None = None):
 
 
 def _default_image_processor(image_size: int):
-    with _quiet_transformers():
+    with quiet_transformers():
         from transformers import CLIPImageProcessor
 
         return CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -520,8 +468,6 @@ def _default_image_processor(image_size: int):
 
 def _eos_ids(path: str, cfg: LlavaModelConfig, tokenizer) -> tuple[int, ...]:
     """EOS ids as transformers' generate picks them: generation_config.json first."""
-    from .config import _Section, _token_ids, read_model_json
-
     gen = os.path.join(path, "generation_config.json")
     if os.path.lexists(gen):
         data = read_model_json(gen, "generation_config.json")

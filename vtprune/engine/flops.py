@@ -1,4 +1,4 @@
-"""Prefill FLOPs by the formula of ../shared/perf-anchors.md: a SwiGLU decoder layer over n tokens
+"""Prefill FLOPs by the formula of the project's perf anchors: a SwiGLU decoder layer over n tokens
 costs 4nd^2 + 2n^2d + 3ndm (projections, attention, MLP; multiply-accumulates), a CLIP layer
 4nd^2 + 2n^2d + 2ndm, the projector n(d_in d + d^2)."""
 from __future__ import annotations

@@ -7,29 +7,19 @@ Generated token s of row b sits at RoPE position lengths[b] + s and in cache slo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .inputs import PreparedBatch
 from .kv_cache import KVCache
 from .model import LlavaModel
 from .sampling import sample_next
+from .shared_prefix import plan_sharing, prefill_shared_prefix
 
-
-@dataclass
-class PreparedBatch:
-    input_ids: torch.Tensor      # [B, T] int64, right-padded, image tokens expanded
-    lengths: torch.Tensor        # [B] int64 on the device: prompt tokens per row
-    pixel_values: torch.Tensor | None  # [U, C, H, W]: the batch's distinct images (None: no image at all)
-    # [S]: image slot -> its image in pixel_values (None: slot i -> i); slots are the prompts'
-    # `<image>` placeholders in order, one per row unless images_per_row says otherwise
-    image_index: torch.Tensor | None = None
-    images_per_row: tuple[int, ...] | None = None  # None: exactly one image per row
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
+# PreparedBatch lives in inputs.py; it is re-exported here for pruning/plan.py (until the lead's rewrite)
+__all__ = ["PreparedBatch", "vision_features", "prefill", "decode_step", "DecodeGraph", "CompiledDecode",
+           "decode_tokens"]
 
 
 def vision_features(model: LlavaModel, batch: PreparedBatch, probe=None) -> torch.Tensor:
@@ -41,8 +31,6 @@ def vision_features(model: LlavaModel, batch: PreparedBatch, probe=None) -> torc
 
 def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None, share_prefix: bool = True) -> torch.Tensor:
     """Vision tower, projector and decoder over the prompts; returns each row's last logits [B, V]."""
-    from .shared_prefix import plan_sharing, prefill_shared_prefix
-
     feats = None if batch.pixel_values is None else model.projector(vision_features(model, batch))
     x = model.embed(batch.input_ids, feats)
     B, T = batch.input_ids.shape

@@ -9,11 +9,16 @@ elongated for the processor's full-size resize is resized and cropped on its cro
 Prompts are tokenized exactly as transformers' LlavaProcessor does it: each `<image>`
 placeholder is expanded to one image token per visual token and the whole string goes through
 the tokenizer once, so the ids match the reference token for token.
+
+`PreparedBatch` is what LlavaEngine.prepare makes of them: the ids and pixel values on the device.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
+
+import torch
 
 from ..errors import VtpruneError
 from ..files import fs_error, open_binary
@@ -407,3 +412,14 @@ class PromptEncoder:
     def decode(self, ids: Sequence[int]) -> str:
         n = len(self.tokenizer)
         return self.tokenizer.decode([i for i in ids if i < n], skip_special_tokens=True)
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor      # [B, T] int64, right-padded, image tokens expanded
+    lengths: torch.Tensor        # [B] int64 on the device: prompt tokens per row
+    pixel_values: torch.Tensor | None  # [U, C, H, W]: the batch's distinct images (None: no image at all)
+    # [S]: image slot -> its image in pixel_values (None: slot i -> i); slots are the prompts'
+    # `<image>` placeholders in order, one per row unless images_per_row says otherwise
+    image_index: torch.Tensor | None = None
+    images_per_row: tuple[int, ...] | None = None  # None: exactly one image per row

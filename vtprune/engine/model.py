@@ -16,7 +16,7 @@ from torch import nn
 from .config import LlavaModelConfig, TextConfig, VisionConfig
 from .kv_cache import KVCache
 
-_ACTIVATIONS = {
+_ACTIVATIONS = {  # keyed by config.ACTIVATIONS (tests/test_layout.py checks they agree)
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -392,10 +392,6 @@ class LlavaModel(nn.Module):
         t = self.decoder.rotary.table
         if t is None or t.dtype != dtype:
             self.decoder.rotary.build_table(self.cfg.text.max_position_embeddings + self.cfg.num_visual_tokens, dtype)
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, visual tokens, text hidden] in the decoder's dtype."""
-        return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image-token runs replaced by the image features [S, n, D], in

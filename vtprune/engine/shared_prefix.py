@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import compact_kv, gather_tokens
-from .generate import PreparedBatch
+from .inputs import PreparedBatch
 from .kv_cache import KVCache
 from .model import LlavaModel
 
@@ -50,6 +49,10 @@ def prefill_shared_prefix(model: LlavaModel, batch: PreparedBatch, x_full: torch
     """Layers [0, stop) with shared prefixes. x_full: the batch's input embeddings [B, T, D].
     Returns the hidden states entering layer `stop` [B, T, D] (right-padded rows), and fills the
     cache's layers < stop."""
+    # local: importing the compaction ops loads (and on first use JIT-builds) the C++ extension,
+    # which an engine whose batches never share a prefix must not wait for
+    from ..kernels import compact_kv, gather_tokens
+
     row_to_u, s_len, reps = sharing
     B, T, D = x_full.shape
     dev = x_full.device

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError, VtpruneError
 from ..files import check_file, fs_error
 from ..validate import is_int, show
+from .config import read_model_json
 from .model import LlavaModel
 
 _RULES = [
@@ -154,8 +155,6 @@ def checkpoint_files(model_dir: str) -> list[str]:
     inside the model directory only), or the directory's model*.safetensors."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.lexists(index):
-        from .config import read_model_json
-
         data = read_model_json(index, "safetensors index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:

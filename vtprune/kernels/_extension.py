@@ -24,10 +24,6 @@ _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
 _state: dict = {}
 
 
-def csrc_dir() -> str:
-    return _CSRC
-
-
 def _cuda_build_possible() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -59,9 +55,8 @@ def _jit_build() -> None:
     base = os.environ.get("VTPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vtprune"))
     build_dir = os.path.join(base, "torch_extensions", tag)
     os.makedirs(build_dir, exist_ok=True)
-    # Built already (ninja then only checks it): load silently. Otherwise the compile takes about
-    # 20 s for the C++ ops (one compiler process: 20 s of CPU on the dev box, 65 s wall while it was
-    # shared) and much longer with nvcc, so say what is going on.
+    # Built already (ninja then only checks it): load silently. Otherwise the compile takes tens of
+    # seconds for the C++ ops (README "The compiled ops") and much longer with nvcc, so say so.
     first = not os.path.isfile(os.path.join(build_dir, "vtprune_ops.so"))
     if first:
         print(f"vtprune: building the compiled ops ({'C++ and CUDA' if with_cuda else 'C++'}, csrc/) into "

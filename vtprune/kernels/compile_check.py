@@ -39,6 +39,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..errors import VtpruneError
+from ..files import check_output_file
+
 # shared memory a block may use (opt-in maximum, bytes): CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability" (8.0: 163 KB, 8.6/8.9: 99 KB, 9.0: 227 KB, 10.0/12.0: 227/99 KB)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -284,9 +287,6 @@ def main(argv=None) -> int:
     if args.only and not any(s in name for s in args.only for name in kernels()):
         return fail(f"--only {' '.join(args.only)}: no kernel matches (kernels: {', '.join(sorted(kernels()))})")
     if args.json:
-        from ..errors import VtpruneError
-        from ..files import check_output_file
-
         try:
             check_output_file(args.json, "--json")
         except VtpruneError as e:

@@ -35,7 +35,7 @@ The kernel (one program per row, N <= 4096) draws the noise, builds order-preser
 keys (float bits << 32 | reversed index, so equal values rank by index), sorts them once, takes
 the k-th key as the threshold, and writes mask, soft and the compacted indices (a cumsum gives
 each kept token its output slot): one launch for everything, where the unfused PyTorch version
-needs noise + topk + sort (82.7 us at B=64, N=576, k=288 on an H200, perf-anchors.md).
+needs noise + topk + sort (its H200 time: the perf anchors in README "Benchmarks").
 """
 from __future__ import annotations
 

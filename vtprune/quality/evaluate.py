@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.inputs import format_prompt
 from ..errors import VtpruneError
+from ..files import fs_error, make_output_dir
 from .metrics import bleu, exact_match
+from .plot import line_chart
 
 CAPTION = "caption"
 
@@ -49,7 +52,7 @@ class EvalResult:
 
 def load_records(path: str):
     """The file's usable records (bad lines are skipped with a warning: training/data.py)."""
-    from ..training.data import TrainingData
+    from ..training.data import TrainingData  # local: importing training loads the compiled ops
 
     return TrainingData(path, what="eval data").examples
 
@@ -72,8 +75,6 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
              label: str | None = None) -> EvalResult:
     """One setting (the engine's current pruning). Predictions go to `predictions_path` (written
     anew) or are appended to the open text file `predictions_file`; `label` is the progress bar's."""
-    from ..engine.inputs import format_prompt
-
     rows, policy = [], engine.plan.cfg.policy if engine.plan is not None else "unpruned"
     # warm-up (allocator, kernels, CUDA graph) so that the first batch's latency is not an outlier
     engine.generate([examples[0].image], [format_prompt(examples[0].question)], max_new_tokens=2)
@@ -103,8 +104,6 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
     L = engine.cfg.text.num_layers
     per_layer = [sum(r.stats["visual_tokens_per_layer"][i] for _, r in rows) / len(rows) for i in range(L)]
     if predictions_path:
-        from ..files import make_output_dir
-
         make_output_dir(os.path.dirname(os.path.abspath(predictions_path)), "predictions directory")
         _write_text(predictions_path, "predictions file", prediction_lines(name or policy, rows))
     if predictions_file is not None:
@@ -122,7 +121,7 @@ def evaluate(engine, examples, name: str = "", batch_size: int = 32, max_new_tok
 
 def _cfg_budget(cfg, engine) -> float:
     """Average visual tokens per layer of a two-stage config on this model (its budget)."""
-    from ..pruning.plan import PruningPlan
+    from ..pruning.plan import PruningPlan  # local: importing pruning loads the compiled ops
 
     plan = PruningPlan(cfg, engine.cfg)
     counts = plan.visual_tokens_per_layer()
@@ -139,8 +138,6 @@ def run_settings(engine, examples, settings: list[tuple[str, object]], skipped: 
     out = []
     f = None
     if predictions_path:
-        from ..files import fs_error, make_output_dir
-
         make_output_dir(os.path.dirname(os.path.abspath(predictions_path)), "predictions directory")
         try:
             f = open(predictions_path, "w", encoding="utf-8")
@@ -171,7 +168,7 @@ def comparison_settings(engine, two_stage: list[str], budgets: list[int],
     """Unpruned, each two-stage config, and every baseline at each two-stage config's budget
     (rounded to a token) and at each extra `budgets` value. Baselines: every registered policy
     that runs at a budget (the built-in training-free ones and any registered from outside)."""
-    from ..pruning import PruningConfig, get_policy, policy_names
+    from ..pruning import PruningConfig, get_policy, policy_names  # local: importing pruning loads the compiled ops
 
     if baselines is None:
         baselines = [n for n in policy_names() if get_policy(n).needs_budget]
@@ -229,8 +226,6 @@ def output_paths(out: str, plot: bool = False) -> dict:
 def _write_text(path: str, what: str, text: str) -> None:
     """Write `text` to `path` through a temporary file renamed into place, so that a failed
     write (disk full, permission) leaves no half-written file and an earlier file intact."""
-    from ..files import fs_error
-
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -245,8 +240,6 @@ def _write_text(path: str, what: str, text: str) -> None:
 def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = False) -> dict:
     """out.json, out.md (and out.png with plot): returns the written paths. Missing parent
     directories are created; a file-system problem is one VtpruneError naming the path."""
-    from ..files import make_output_dir
-
     make_output_dir(os.path.dirname(os.path.abspath(out)), "--out directory")
     data = {"meta": meta, "results": [r.__dict__ for r in results], "skipped": meta.pop("skipped", [])}
     paths = output_paths(out)
@@ -256,8 +249,6 @@ def write_outputs(results: list[EvalResult], out: str, meta: dict, plot: bool = 
     _write_text(paths["md"], "results file", to_markdown(results, header)
                 + "".join(f"\nNot run: {sk['name']}: {sk['reason']}\n" for sk in data["skipped"]))
     if plot:
-        from .plot import line_chart
-
         series: dict[str, list] = {}
         unpruned = None
         for r in results:

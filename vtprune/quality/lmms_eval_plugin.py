@@ -49,12 +49,16 @@ What the model does with lmms-eval's requests:
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
+from ..cli import pruning_spec
+from ..engine import LlavaEngine
 from ..engine.inputs import IMAGE_TOKEN
+from ..engine.runtime import default_device_dtype
 from ..errors import VtpruneError
 
 MODEL_NAME = "vtprune"
@@ -216,10 +220,6 @@ class EngineLMM:
                  batch_size=1, max_batch_size=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  system_prompt: str | None = None, rank: int = 0, world_size: int = 1, progress: bool = True,
                  engine=None):
-        import argparse
-
-        from ..cli import _default_device_dtype, pruning_spec
-
         self.batch_size, self.auto_batch = parse_batch_size(batch_size, max_batch_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VtpruneError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
@@ -229,9 +229,7 @@ class EngineLMM:
         self.system_prompt = system_prompt or None
         self.rank, self.world_size, self.progress = rank, world_size, progress
         if engine is None:
-            from ..engine import LlavaEngine
-
-            device, dtype = _default_device_dtype(device, dtype)
+            device, dtype = default_device_dtype(device, dtype)
             spec = pruning_spec(argparse.Namespace(pruning=pruning, policy=policy, budget=budget))
             engine = LlavaEngine.from_pretrained(pretrained, device=device, dtype=dtype, pruning=spec)
         self.engine = engine

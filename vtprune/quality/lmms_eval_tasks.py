@@ -22,11 +22,12 @@ import json
 import os
 
 from ..errors import VtpruneError
+from ..files import make_output_dir
+from . import synthvqa as sv
+from .evaluate import CAPTION, load_records
 
 # SynthVQA's answer sets per question type (vtprune/quality/synthvqa.py)
 def _synthvqa_choices() -> dict[str, list[str]]:
-    from . import synthvqa as sv
-
     return {"colour": list(sv.COLOURS), "shape": list(sv.SHAPES), "count": list(sv.NUMBERS[:4]),
             "exists": ["yes", "no"], "left_right": ["left", "right"]}
 
@@ -93,9 +94,6 @@ metadata:
 def write_tasks(data: str, out_dir: str, name: str = "synthvqa", limit: int | None = None) -> dict:
     """Write OUT/NAME.json(l), OUT/NAME_qa.yaml and OUT/NAME_mc.yaml from the records of `data` (the
     first `limit` records, as `vtprune eval --limit`). Returns the paths and counts."""
-    from ..files import make_output_dir
-    from .evaluate import CAPTION, load_records
-
     examples = load_records(data)
     if limit is not None:
         if limit < 1:

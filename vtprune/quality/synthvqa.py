@@ -43,7 +43,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("colour", "shape", "count", "exists", "left_right")
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 # Image i of stream s is drawn by random.Random(s * _STRIDE + i), so streams s and s' share images
-# only at indices >= _STRIDE apart. The base-model trainer (train_base.py) drew stream 1 at indices
+# only at indices >= _STRIDE apart. The base-model trainer (recipes/train_base.py) drew stream 1 at indices
 # 0-14000 (stage B) and 10_000_000 + 0-12800 (stage A: 800 steps x 16), which stream 11 meets at
 # its index 30 and on: consecutive small seeds are not fresh. --seed N uses streams from
 # _FRESH_BASE on (Random seeds >= 1e12), far from every stream the shipped model has seen.

@@ -25,6 +25,7 @@ import torch
 from ..engine.generate import PreparedBatch
 from ..engine.inputs import PromptEncoder, format_prompt, load_image
 from ..engine.model import LlavaModel
+from ..engine.runtime import quiet_transformers
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
@@ -73,14 +74,12 @@ class BatchBuilder:
         return Sequences(ids, torch.tensor([len(r) for r in rows]), torch.tensor([len(p) for p in prompts]))
 
     def build(self, examples, device, dtype) -> TrainBatch:
-        from ..engine.engine import _quiet_transformers
-
         prompts = [format_prompt(e.question) for e in examples]
         pruned_p = [self.pruned.encode(p) for p in prompts]
         full_p = [self.full.encode(p) for p in prompts]
         answers = [self.answer_ids(p, e.answer, ids) for p, e, ids in zip(prompts, examples, pruned_p)]
         pil = [load_image(e.image, e.line, self.image_processor) for e in examples]
-        with _quiet_transformers():
+        with quiet_transformers():
             pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
         full, pruned = self._sequences(full_p, answers), self._sequences(pruned_p, answers)
         to = (lambda s: Sequences(*(t.to(device) for t in (s.input_ids, s.lengths, s.prompt_lengths))))

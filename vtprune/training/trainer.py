@@ -25,12 +25,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..engine.generate import PreparedBatch, vision_features
+from ..engine import LlavaEngine
+from ..engine.generate import vision_features
+from ..engine.inputs import PreparedBatch
+from ..engine.runtime import default_device_dtype
 from ..errors import CheckpointError, VtpruneError
 from ..files import check_output_dir
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
-from ..pruning.weights import save_pruning_weights
+from ..pruning.weights import load_pruning_weights, save_pruning_weights
 from ..validate import check_bool, check_choice, check_int, check_number, show
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .data import TrainingData
@@ -95,14 +98,11 @@ def _seed_for(seed: int, step: int, rank: int) -> int:
 
 class Trainer:
     def __init__(self, settings: TrainSettings, resume: bool = False):
-        from ..cli import _default_device_dtype
-        from ..engine import LlavaEngine
-
         s = self.settings = settings
         s.check()
         # the run directory must be creatable before anything slow runs (not under a file, writable)
         check_output_dir(s.out, "training run directory (--out)")
-        device, dtype = _default_device_dtype(s.device, s.dtype)
+        device, dtype = default_device_dtype(s.device, s.dtype)
         self.rank, self.world = _init_distributed("nccl" if str(device).startswith("cuda") else "gloo")
         if self.world > 1 and str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -133,7 +133,6 @@ class Trainer:
         torch.manual_seed(s.seed)  # every rank starts from the same weights
         self.modules = PruningModules.for_model(self.cfg, mcfg)
         if self.cfg.weights:  # start from earlier weights
-            from ..pruning.weights import load_pruning_weights
             load_pruning_weights(self.modules, self.cfg.weights)
         self.layers = feature_layers(self.cfg, mcfg.text.num_layers)
         self.discriminator = Discriminator(mcfg.text.hidden_size, len(self.layers))

@@ -11,14 +11,13 @@ the test split's seed is never seen):
   A  the vision tower alone, with dense labels: for each patch, the colour and the shape of the
      object under its centre (or background), whether an object's centre lies in it, and its
      column (left/right questions compare the x of two objects). Dense targets teach a
-     from-scratch ViT in minutes what image-text pairs alone would take hours for. (Object-patch
-     shape accuracy: ~55% after 300 steps with 2 layers of width 64 and random positions; 98%
-     after 800 steps with this tower -- it jumps between steps 250 and 450. Dev box, 2026-11-26.)
+     from-scratch ViT in minutes what image-text pairs alone would take hours for (the tower's
+     measured accuracy, and a smaller tower's: README "Measured quality", step 1).
   B  the whole model on VQA (and captions): cross-entropy on the answer tokens, ~20 questions per
      image packed behind one copy of it (Examples); the vision tower keeps learning at a lower
      rate, with stage A's dense loss alongside.
 
-    python -m vtprune.quality.train_base --out models/synthvqa-llava [--steps-a 800 --steps-b 1500]
+    python recipes/train_base.py --out models/synthvqa-llava [--steps-a 800 --steps-b 1500]
 """
 from __future__ import annotations
 
@@ -27,13 +26,25 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from . import synthvqa as sv
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+from vtprune.engine.config import LlavaModelConfig  # noqa: E402
+from vtprune.engine.inputs import PromptEncoder, format_prompt  # noqa: E402
+from vtprune.engine.runtime import quiet_transformers  # noqa: E402
+from vtprune.engine.tokenizer import build_tokenizer  # noqa: E402
+from vtprune.engine.weights import checkpoint_files, read_tensors, safetensors_header  # noqa: E402
+from vtprune.errors import CheckpointError, VtpruneError  # noqa: E402
+from vtprune.files import check_dir, make_output_dir  # noqa: E402
+from vtprune.quality import synthvqa as sv  # noqa: E402
+from vtprune.quality.synthvqa import COLOURS, NUMBERS, SHAPES, _a  # noqa: E402
+from vtprune.validate import check_int, check_number  # noqa: E402
 
 PATCH = 14
 GRID = sv.IMAGE_SIZE // PATCH  # 24
@@ -175,8 +186,6 @@ def training_questions(objs, rng: random.Random, left_right_pairs: int = 8) -> l
     once, counts of the present colours and of one absent colour, existence of each object and of
     as many absent look-alikes (same colour or same shape), left/right for up to `left_right_pairs`
     ordered pairs."""
-    from .synthvqa import COLOURS, NUMBERS, SHAPES, _a
-
     shapes, colours = [o.shape for o in objs], [o.colour for o in objs]
     qa = [(f"What colour is the {o.shape}?", o.colour) for o in objs if shapes.count(o.shape) == 1]
     qa += [(f"What shape is the {o.colour} object?", o.shape) for o in objs if colours.count(o.colour) == 1]
@@ -208,8 +217,6 @@ class Examples:
     and let later answers lean on earlier ones.)"""
 
     def __init__(self, tokenizer, image_token: int, caption_rate: float = 1.0, left_right_pairs: int = 8):
-        from ..engine.inputs import PromptEncoder
-
         self.left_right_pairs = left_right_pairs
         self.tok = tokenizer
         self.enc = PromptEncoder(tokenizer, GRID * GRID, image_token)
@@ -218,8 +225,6 @@ class Examples:
     def turns(self, qa: list[tuple[str, str]]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
         """-> (shared prefix ids, [(turn ids, turn labels)]) with labels -100 outside the answers;
         prefix + turn ids == the engine's prompt for that question + the answer's tokens + EOS."""
-        from ..engine.inputs import format_prompt
-
         full = []
         for q, a in qa:
             prompt = format_prompt(q)
@@ -300,11 +305,10 @@ def stage_b(model, head, examples: Examples, steps: int, batch: int, seed: int, 
         # Curriculum: the answer's few object tokens are hard to find among 576 at first (the
         # attention gradient toward them is diluted ~1/576); background tokens start mostly hidden
         # (5% shown) and are all shown from `curriculum` of the steps on (0: no curriculum).
-        # (Without it: no grounding after 600 steps, loss at the answer-prior level; 2-layer ViT
-        # run on the dev box, 2026-11-26.)
+        # (Without it the model did not ground its answers: README "Measured quality", step 1.)
         background_keep = min(1.0, 0.05 + 0.95 * step / (curriculum * steps)) if curriculum > 0 else 1.0
         px, ids, mask, pos, labels, y = examples.batch(seed, first_image + step * batch, batch, background_keep)
-        # bf16 autocast: the CPU's AMX units (measured 1.1 vs 1.4 s per step of 16 on the 2-core dev box)
+        # bf16 autocast: the CPU's AMX units make a step faster (README "Measured quality", step 1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=px)
             logits = out.logits[:, :-1].float()
@@ -328,10 +332,9 @@ def stage_b(model, head, examples: Examples, steps: int, batch: int, seed: int, 
 def save(model, tokenizer, out: str, meta: dict) -> None:
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from ..engine.engine import _quiet_transformers
 
     os.makedirs(out, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out)
         ip = CLIPImageProcessor(size={"shortest_edge": sv.IMAGE_SIZE},
                                 crop_size={"height": sv.IMAGE_SIZE, "width": sv.IMAGE_SIZE},
@@ -348,12 +351,6 @@ def load_init_model(path: str):
     own readers (config.json, safetensors headers, shard names), then loaded by transformers from
     safetensors only (`use_safetensors=True`: a directory holding only pytorch_model.bin is refused,
     never unpickled), from local files, without remote code."""
-    from ..engine.config import LlavaModelConfig
-    from ..engine.engine import _quiet_transformers
-    from ..engine.weights import checkpoint_files, safetensors_header
-    from ..errors import CheckpointError, VtpruneError
-    from ..files import check_dir
-
     try:
         path = check_dir(path, "--init-from model directory")
     except VtpruneError as e:
@@ -364,7 +361,7 @@ def load_init_model(path: str):
     from transformers import LlavaForConditionalGeneration
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True,
                                                                  trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -373,8 +370,6 @@ def load_init_model(path: str):
 
 def load_prefixed(module, prefix: str, state: dict, path: str) -> None:
     """module's tensors from `state` (keys `prefix` + name), every name and shape checked."""
-    from ..errors import CheckpointError
-
     expected = module.state_dict()
     got = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     for k in expected:
@@ -390,8 +385,6 @@ def load_prefixed(module, prefix: str, state: dict, path: str) -> None:
 
 
 def _check_args(a) -> None:
-    from ..validate import check_int, check_number
-
     for key, lo in (("steps_a", 0), ("steps_b", 1), ("batch_a", 1), ("batch_b", 1), ("first_image", 0),
                     ("left_right_pairs", 0), ("save_every", 0), ("seed", 0)):
         check_int(getattr(a, key), "--" + key.replace("_", "-"), lo, 2**63 - 1)
@@ -403,9 +396,7 @@ def _check_args(a) -> None:
 
 
 def main(argv=None) -> int:
-    import sys
 
-    from ..errors import VtpruneError
 
     try:
         return _main(argv)
@@ -415,11 +406,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from ..engine.weights import read_tensors
-    from ..errors import CheckpointError
-    from ..files import make_output_dir
-    from ..tiny_model import build_tokenizer
-
     p = argparse.ArgumentParser(description="train the SynthVQA LLaVA from scratch")
     p.add_argument("--out", required=True)
     p.add_argument("--steps-a", type=int, default=1000)
@@ -491,7 +477,7 @@ def _main(argv=None) -> int:
     if a.steps_a:
         head = stage_a(model, a.steps_a, a.batch_a, sv.SPLIT_SEEDS["train"], log, head)
         save_file({**prefixed("vision.", vision), **prefixed("head.", head)}, os.path.join(a.out, "stage_a.safetensors"))
-    meta = {"command": "python -m vtprune.quality.train_base " + " ".join(argv or []), "args": vars(a),
+    meta = {"command": "python recipes/train_base.py " + " ".join(argv or []), "args": vars(a),
             "torch": torch.__version__}
 
     def checkpoint(step: int) -> None:
@@ -511,5 +497,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     raise SystemExit(main(sys.argv[1:]))

@@ -1,12 +1,11 @@
 """Train two-stage heads in chunks and keep the chunk that scores best on a validation split.
 
-    python -m vtprune.quality.select_heads --model DIR --config CFG.yaml --data train.jsonl \
+    python recipes/select_heads.py --model DIR --config CFG.yaml --data train.jsonl \
         --val val.jsonl --out RUN --steps 600 --every 100 [--batch-size 8]
 
 Why: on the SynthVQA model the heads' noise-free (inference) accuracy moves by several points
 from one few-hundred-step checkpoint to the next while the training loss, measured with Gumbel
-noise, hardly changes (two successive 300-step runs from the same start: 96.5% / BLEU 72.9,
-then 91.0% / 73.9 on 200 test questions and 101 captions; dev box, 2026-11-27). So the
+noise, hardly changes (the runs that showed it: README "Measured quality", step 2). So the
 checkpoint is chosen on held-out data, never on the test split.
 
 Score of a checkpoint: accuracy / unpruned accuracy + BLEU / unpruned BLEU (each term whose
@@ -21,6 +20,14 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+from vtprune.engine.engine import LlavaEngine  # noqa: E402
+from vtprune.errors import VtpruneError  # noqa: E402
+from vtprune.quality.evaluate import evaluate, load_records  # noqa: E402
+from vtprune.training.trainer import TrainSettings, Trainer  # noqa: E402
+from vtprune.validate import check_int  # noqa: E402
+
 
 def score(result, unpruned) -> float:
     total = 0.0
@@ -33,13 +40,6 @@ def score(result, unpruned) -> float:
 
 def select(model: str, config: str, data: str, val: str, out: str, steps: int, every: int,
            batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    from ..engine.engine import LlavaEngine
-    from ..errors import VtpruneError
-    from ..training.trainer import Trainer, TrainSettings
-    from .evaluate import evaluate, load_records
-
-    from ..validate import check_int
-
     check_int(steps, "--steps", 1)
     check_int(every, "--every", 1)
     if steps < every:
@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from ..errors import VtpruneError
     try:
         best = select(a.model, a.config, a.data, a.val, a.out, a.steps, a.every, a.batch_size, a.seed,
                       not a.no_progress)
