@@ -128,3 +128,37 @@ def test_row_bytes_is_what_a_cache_row_allocates_and_pruning_admits_more_rows(em
     budget = 8 * full
     assert rows_for_budget(budget, full, 1000) == 8
     assert rows_for_budget(budget, pruned, 1000) >= 2 * 8  # a two-stage row holds well under half
+
+
+def test_the_scheduler_runs_more_rows_of_a_pruned_engine_in_one_budget(embedded):
+    budget_gb = 0.05
+    T, N = 600, 32
+    try:
+        full = embedded.inflight(max_new_tokens=N, max_rows=1000, kv_budget_gb=budget_gb)
+        rows_full = full.rows_for(T)
+        embedded.set_pruning(os.path.join(ASSET, "pruning_201.yaml"))
+        pruned = embedded.inflight(max_new_tokens=N, max_rows=1000, kv_budget_gb=budget_gb)
+        T2 = T - embedded.cfg.num_visual_tokens + embedded.plan.visual_in_sequence
+        rows_pruned = pruned.rows_for(T2)
+        per_row = row_bytes(embedded.plan, T2, N, embedded.cfg.text, torch.float32, rounded=True)
+    finally:
+        embedded.set_pruning(None)
+    per_row_full = row_bytes(None, T, N, embedded.cfg.text, torch.float32, rounded=True)
+    assert rows_full == int(budget_gb * (1 << 30)) // per_row_full
+    assert rows_pruned == int(budget_gb * (1 << 30)) // per_row
+    assert rows_pruned > 2 * rows_full
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"kv_budget_gb": 0}, "--kv-budget-gb must be a number of GB > 0, got 0"),
+    ({"kv_budget_gb": float("nan")}, "--kv-budget-gb must be a number of GB > 0, got nan"),
+    ({"max_rows": 0}, "--max-rows 0: the number of decode rows must be an integer >= 1"),
+    ({"scheduler": "dynamic"}, "--scheduler 'dynamic': use one of inflight, static"),
+])
+def test_bad_scheduler_settings_are_refused_before_anything_runs(small_engine, kw, message):
+    from vtprune.batch import answer_requests
+    from vtprune.errors import VtpruneError
+
+    with pytest.raises(VtpruneError) as e:
+        answer_requests(small_engine, [], **kw)
+    assert str(e.value) == message

@@ -460,12 +460,12 @@ class LlavaEngine:
             torch.cuda.synchronize(self.device)
 
 
-def check_kv_budget(value) -> float:
+def check_kv_budget(value, name: str = "kv_budget_gb") -> float:
     """A KV budget in GB: a finite number > 0."""
     import math
 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise VtpruneError(f"kv_budget_gb must be a number of GB > 0, got {value!r}")
+        raise VtpruneError(f"{name} must be a number of GB > 0, got {value!r}")
     return float(value)
 
 

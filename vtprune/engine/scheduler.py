@@ -46,6 +46,11 @@ class Item:
     tokens: int
 
 
+def _with_image(item: Item, image) -> bool:
+    item.image = image
+    return image is not None
+
+
 @dataclass
 class _Row:
     item: Item
@@ -160,11 +165,13 @@ class InflightScheduler:
         return out
 
     # ------------------------------------------------------------------ the loop
-    def run(self, items: Iterable[Item], on_admit: Callable[[list[Item]], None] | None = None
-            ) -> Iterator[tuple[object, list[int], dict]]:
+    def run(self, items: Iterable[Item], on_admit: Callable[[list[Item]], None] | None = None,
+            load: Callable[[Item], object] | None = None) -> Iterator[tuple[object, list[int], dict]]:
         """`on_admit(items in flight)` is called before each prefill with every request that is
-        in a row or about to be (batch jobs write it to their in-flight file)."""
-        self._source, self._on_admit = iter(items), on_admit
+        in a row or about to be (batch jobs write it to their in-flight file). `load(item)`, when
+        given, is called at admission and returns the item's image, or None to leave the item out
+        (it reports its own error): images are loaded only when their request gets a row."""
+        self._source, self._on_admit, self._load = iter(items), on_admit, load
         self._waiting: deque[Item] = deque()
         self._busy: dict[int, _Row] = {}
         self._fill()
@@ -193,6 +200,10 @@ class InflightScheduler:
                 group.append(waiting.popleft())
             if self._on_admit is not None:
                 self._on_admit([r.item for r in busy.values()] + group)
+            if self._load is not None:
+                group = [it for it in group if _with_image(it, self._load(it))]
+            if not group:
+                continue
             for b, row in zip(free, self._admit(group, free[: len(group)])):
                 busy[b] = row
             self._fill()
