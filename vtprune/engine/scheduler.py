@@ -193,7 +193,13 @@ class InflightScheduler:
             need = max(it.tokens for it in waiting)
             if need > self.capacity or self.cache is None:
                 self._build(need)
-        while waiting and len(busy) < self.rows and waiting[0].tokens <= self.capacity:
+        # admit once a prefill batch's worth of rows is free (at most half the rows; all that
+        # waits when fewer): a prefill has fixed costs per call (the plan's Python, the vision
+        # tower's launches), so rows are refilled in groups rather than one by one (on a CPU,
+        # where the prefill dominates, one-by-one refills were slower than static batches)
+        want = max(1, min(self.prefill_batch, self.rows // 2, len(waiting)))
+        while (waiting and len(busy) < self.rows and waiting[0].tokens <= self.capacity
+               and (self.rows - len(busy) >= want or not busy)):
             free = [b for b in range(self.rows) if b not in busy]
             group = []
             while waiting and len(group) < min(len(free), self.prefill_batch) and waiting[0].tokens <= self.capacity:
