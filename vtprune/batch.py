@@ -2,11 +2,16 @@
 
     vtprune batch --model DIR --input requests.jsonl --output answers.jsonl
                   [--pruning cfg.yaml] [--batch-size 16] [--max-new-tokens 64]
+                  [--scheduler inflight|static] [--kv-budget-gb GB] [--max-rows N]
 
 Input records: {"id": ..., "image": path, "prompt": "... <image> ..."} or {"id", "image", "question"}.
 - The input is streamed: a window of batch_size x 8 records is read, grouped by prompt length
   (and image, so questions about one image share its vision-tower pass), and answered batch by
   batch; every batch's records are written and flushed (fsync) before the next batch starts.
+- Scheduler: "inflight" (default; engine/scheduler.py) keeps up to --max-rows decode rows, as many
+  as --kv-budget-gb holds of the requests' pruned KV rows, and refills finished rows between decode
+  steps with requests prefilled --batch-size at a time (records are written as requests finish);
+  "static" decodes each batch until its longest answer is done. Greedy answers are the same.
 - Resumable: ids already answered in the output are skipped. A job killed at any moment
   (kill -9 included) and re-run ends with every id answered exactly once: a torn last line (a
   write cut short) is cut off before appending.
@@ -38,7 +43,8 @@ Hard crashes (the OOM killer, a segfault): before each batch starts, its ids are
 time, first; a request that was in flight alone when the job died twice gets a retry-with-other-
 settings error record instead of crashing every re-run. A clean end removes the file.
 
-Out of memory (CUDA, or the CPU allocator): the batch is split in halves and retried.
+Out of memory (CUDA, or the CPU allocator): the batch is split in halves and retried. In flight, a
+failing scheduler (out of memory included) hands the requests it held to the static path.
 Under torchrun each rank appends to `OUT.partR-of-W`; ids already in the output or in any part
 file (of any world size) count as done, and parts are merged into the output by appending the
 lines it lacks (a single-process run merges leftover parts too).
