@@ -235,7 +235,8 @@ def bench_schedulers(args) -> dict:
                                                              "requests_per_s_median"),
     }
     result = {"benchmark": "batch_schedulers", "date": today(), "device_name": device_name(torch.device("cpu")),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "model": os.path.basename(model.rstrip("/")),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "model": os.path.basename(model.rstrip("/")),
               "pruning": pruning, "data": os.path.abspath(args.data), "requests": n_req,
               "new_tokens": args.new_tokens, "prefill_batch": args.prefill_batch, "kv_budget_gb": args.kv_budget_gb,
               "repeats": args.repeats, "rows": table, "ratios": ratios,
@@ -273,7 +274,8 @@ def plot_rows(result, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, runs in result["rows_in_flight"].items():
         t, n = zip(*runs[0])
-        ax.step(t, n, where="post", label=f"{name} (of {next(r['rows'] for r in result['rows'] if name.startswith(r['pruning']))} rows)")
+        rows = next(r["rows"] for r in result["rows"] if name.startswith(r["pruning"]))
+        ax.step(t, n, where="post", label=f"{name} (of {rows} rows)")
     ax.set_xlabel("seconds into the job")
     ax.set_ylabel("rows in flight")
     ax.set_title(f"In-flight batching, same KV budget ({result['device_name']}, {result['date']})")

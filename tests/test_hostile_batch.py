@@ -580,15 +580,19 @@ def line_count(path):
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+# In flight with 2 rows, as many as the static batches hold: with its default 4 x batch-size rows
+# the job ends before the third kill.
+@pytest.mark.parametrize("scheduler", [["--scheduler", "static"], ["--scheduler", "inflight", "--max-rows", "2"]],
+                         ids=["static", "inflight"])
 def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(small_engine, small_dir, files,
-                                                                             tmp_path):
+                                                                             tmp_path, scheduler):
     req = fault_requests(tmp_path, files)
     ref_out = tmp_path / "reference.jsonl"
-    run_job(small_engine, str(req), str(ref_out), batch_size=2, max_new_tokens=6, progress=False)
+    run_job(small_engine, str(req), str(ref_out), batch_size=2, max_new_tokens=6, progress=False, scheduler="static")
     reference = sorted(map(json.dumps, strip_stats(read(ref_out))))
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "vtprune", "batch", "--model", small_dir, "--input", str(req), "--output", str(out),
-           "--batch-size", "2", "--max-new-tokens", "6", "--no-progress"]
+           "--batch-size", "2", "--max-new-tokens", "6", "--no-progress", *scheduler]
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
     rng = random.Random(16)
     killed = 0

@@ -117,7 +117,7 @@ def test_row_bytes_is_what_a_cache_row_allocates_and_pruning_admits_more_rows(em
         cache = KVCache(3, t.num_layers, t.num_kv_heads, t.head_dim, P, D, torch.float32, "cpu",
                         segments=[d.layer for d in p.drop_points] if p else None, key_bias=p is not None)
         allocated = sum(x.numel() * 4 for x in cache.k + cache.v)
-        allocated += sum(b.numel() * 4 for i, b in enumerate(cache.key_bias) if b is not None and i in cache.segment_starts)
+        allocated += sum(cache.key_bias[i].numel() * 4 for i in cache.segment_starts if cache.key_bias[i] is not None)
         assert row_bytes(p, n, N, t, torch.float32, rounded=True) * 3 == allocated
     full, pruned = row_bytes(None, T, N, t, torch.float32), row_bytes(plan, T2, N, t, torch.float32)
     # exact: per layer (capacity + N) x 2 x heads x dim x 4 bytes (+ the merged tokens' key biases)

@@ -4,9 +4,9 @@
           ▲                                                                  │
           └──── finished rows retired (EOS / stop string / max_new_tokens) ◀─ decode step (all R rows)
 
-One loop: (1) while rows are free and requests wait, take up to `prefill_batch` of them, prefill
-them into a small cache of their own and copy it into free rows (KVCache.insert_rows); their first
-token comes from the prefill logits; (2) one decode step over all R rows, each at its own step and
+One loop: (1) once `prefill_batch` rows are free (at most half the rows; fewer when fewer wait),
+take up to `prefill_batch` waiting requests, prefill them into a small cache of their own and copy
+it into free rows (KVCache.insert_rows); their first token comes from the prefill logits; (2) one decode step over all R rows, each at its own step and
 RoPE position (free rows are computed and ignored: static shapes, one CUDA graph); (3) every row
 that hit its stop is retired and its result given out. A request's tokens depend only on its own
 prompt (rows never attend to each other), so greedy answers equal the static batch path's.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -58,7 +58,6 @@ class _Row:
     stats: dict
     t0: float
     t_first: float = 0.0
-    trace: dict = field(default_factory=dict)
 
 
 def default_kv_budget(device: torch.device) -> int:
