@@ -162,3 +162,34 @@ def test_bad_scheduler_settings_are_refused_before_anything_runs(small_engine, k
     with pytest.raises(VtpruneError) as e:
         answer_requests(small_engine, [], **kw)
     assert str(e.value) == message
+
+
+def test_a_longer_prompt_waits_for_the_rows_to_drain_and_a_larger_cache(small_engine):
+    """A lookahead of one: every longer prompt than the cache holds rebuilds it once the rows are
+    done; the answers stay those of the static path."""
+    from vtprune.engine.scheduler import Item
+
+    ims, prompts = _engine_requests(6, seed=4)
+    prompts = [p.replace("What", "What" + " long" * (3 * i)) for i, p in enumerate(prompts)]  # ascending
+    static = small_engine.generate(ims, prompts, max_new_tokens=5)
+    sched = small_engine.inflight(max_new_tokens=5, prefill_batch=2, max_rows=2)
+    sched.lookahead = 1
+    builds = []
+    real = sched._build
+    sched._build = lambda n: (builds.append(n), real(n))
+    items = [Item(i, im, p, len(small_engine.prompts.encode(p))) for i, (im, p) in enumerate(zip(ims, prompts))]
+    got = {k: ids for k, ids, _ in sched.run(items)}
+    assert [got[i] for i in range(6)] == [r.token_ids for r in static]
+    assert builds == sorted(set(builds)) and len(builds) >= 3  # grown, never shrunk, several times
+    assert sched.capacity == max(it.tokens for it in items)
+
+
+def test_stop_strings_end_rows_as_in_the_static_path(small_engine):
+    ims, prompts = _engine_requests(6, seed=7)
+    free = small_engine.generate(ims, prompts, max_new_tokens=8)
+    # a stop string some rows write part way (the text of one of the first row's later tokens)
+    stop = next(t for t in (small_engine.prompts.decode([i]).strip() for i in free[0].token_ids[2:]) if t)
+    static = small_engine.generate(ims, prompts, max_new_tokens=8, stop=stop)
+    inflight = small_engine.generate_inflight(ims, prompts, max_new_tokens=8, stop=stop, prefill_batch=2, max_rows=2)
+    assert any(len(r.token_ids) < 8 for r in static)
+    assert [(r.token_ids, r.text) for r in inflight] == [(r.token_ids, r.text) for r in static]
