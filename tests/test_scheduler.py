@@ -198,3 +198,13 @@ def test_stop_strings_end_rows_as_in_the_static_path(small_engine):
     inflight = small_engine.generate_inflight(ims, prompts, max_new_tokens=8, stop=stop, prefill_batch=2, max_rows=2)
     assert any(len(r.token_ids) < 8 for r in static)
     assert [(r.token_ids, r.text) for r in inflight] == [(r.token_ids, r.text) for r in static]
+
+
+def test_sampling_in_flight_is_reproducible_by_seed(small_engine):
+    ims, prompts = _engine_requests(4, seed=9)
+    kw = dict(max_new_tokens=6, temperature=1.5, prefill_batch=2, max_rows=2)
+    a = small_engine.generate_inflight(ims, prompts, seed=3, **kw)
+    b = small_engine.generate_inflight(ims, prompts, seed=3, **kw)
+    c = small_engine.generate_inflight(ims, prompts, seed=4, **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b] != [r.token_ids for r in c]
+    assert all(len(r.token_ids) == 6 for r in a)

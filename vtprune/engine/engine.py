@@ -264,7 +264,9 @@ class LlavaEngine:
         """An in-flight batching scheduler (engine/scheduler.py) for this engine and its pruning:
         up to `max_rows` decode rows, as many as `kv_budget_gb` of KV cache holds (default: on
         CUDA a share of the memory free after the weights, on CPU scheduler.CPU_KV_BUDGET_GB),
-        refilled between decode steps with requests prefilled `prefill_batch` at a time."""
+        refilled between decode steps with requests prefilled `prefill_batch` at a time. Greedy
+        answers equal `generate`'s; sampled ones (temperature > 0) do not follow the static path's
+        random stream (every row draws from one generator at every step, in another order)."""
         from .scheduler import InflightScheduler
 
         max_new_tokens = check.check_max_new_tokens(max_new_tokens)

@@ -89,7 +89,8 @@ class InflightScheduler:
         self.generator = None
         if temperature > 0 and seed is not None:
             self.generator = torch.Generator(engine.device).manual_seed(seed)
-        self.rows_in_flight: list[tuple[float, int]] = []  # (perf_counter, rows busy) after each step
+        # (perf_counter, rows busy) after each decode step, the last 65536 of them (benchmarks)
+        self.rows_in_flight: deque[tuple[float, int]] = deque(maxlen=1 << 16)
         self.release()
 
     def release(self) -> None:
