@@ -194,9 +194,8 @@ def _pruning_config(cfg):
 def vtprune_step(model, batch: int, two_stage: bool, new_tokens: int = 64):
     """The engine's decode step (engine._decoder_state without the graph) for a batch of prompts
     of 576 + 45 tokens (two-stage: merged + 45), prefilled lengths set as the prefill would."""
-    from vtprune.engine.engine import _SLOT_ROUND
     from vtprune.engine.generate import decode_step
-    from vtprune.engine.kv_cache import KVCache
+    from vtprune.engine.kv_cache import KVCache, layout
     from vtprune.pruning.plan import PruningPlan
 
     cfg = model.cfg
@@ -205,10 +204,9 @@ def vtprune_step(model, batch: int, two_stage: bool, new_tokens: int = 64):
     plan = PruningPlan(_pruning_config(cfg), cfg, None) if two_stage else None
     T = PROMPT_TEXT + (plan.visual_in_sequence if plan else cfg.num_visual_tokens)
     caps = plan.capacities(T) if plan else [T] * cfg.text.num_layers
-    round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
     t = cfg.text
-    cache = KVCache(batch, t.num_layers, t.num_kv_heads, t.head_dim, [round_up(c) for c in caps],
-                    round_up(new_tokens), dtype, dev, segments=[p.layer for p in plan.drop_points] if plan else None,
+    cache = KVCache(batch, t.num_layers, t.num_kv_heads, t.head_dim, *layout(plan, T, new_tokens, t.num_layers),
+                    dtype, dev, segments=[p.layer for p in plan.drop_points] if plan else None,
                     key_bias=plan is not None and plan.uses_key_bias)
     for start in cache.segment_starts:  # what the prefill leaves: every row's prompt length per segment
         layers = [i for i in range(t.num_layers) if i >= start]

@@ -1,8 +1,19 @@
 """Batch job throughput: `vtprune batch` (run_job) against transformers' batched generate on the
-same requests, same run.
+same requests, same run; or (--schedulers) static against in-flight batching, unpruned against
+two-stage, at one KV memory budget, on a mixed SynthVQA job (questions and captions).
 
     python benchmarks/bench_batch.py                 # GPU: LLaVA-1.5-7B architecture, bf16
     python benchmarks/bench_batch.py --tiny          # CPU smoke run
+    python -m vtprune.quality.synthvqa --out /tmp/sv --seed 5 --train 0 --val 0 --test 40
+    python benchmarks/bench_batch.py --schedulers --data /tmp/sv/test.jsonl    # embedded model, CPU
+
+--schedulers: the embedded SynthVQA model (or --model), unpruned and with its two-stage config
+(--pruning), each answered by `run_job` with --scheduler static and inflight. The budget
+(--kv-budget-gb; default: --budget-rows unpruned rows) decides the rows of both: static batches of
+as many requests as it holds rows of kv_cache.row_bytes (the longest prompt, max_new_tokens), the
+in-flight scheduler as many decode rows. Medians of --repeats runs (the four systems interleaved,
+so that a slow spell of a shared machine hits all); the in-flight runs' rows in flight per decode
+step go to the JSON (and a PNG with matplotlib).
 
 Requests: --requests questions, --per-image of them about each generated image, prompts of
 different lengths. Both systems get the same token ids and pixels and generate exactly
@@ -108,9 +119,185 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheduler_requests(data: str, tmp: str) -> tuple[str, int]:
+    """The SynthVQA split's records as batch requests (absolute image paths); (path, count)."""
+    import json
+
+    base = os.path.dirname(os.path.abspath(data))
+    path = os.path.join(tmp, "requests.jsonl")
+    n = 0
+    with open(data) as f, open(path, "w") as out:
+        for line in f:
+            r = json.loads(line)
+            out.write(json.dumps({"id": r["id"], "image": os.path.join(base, r["image"]),
+                                  "question": r["question"]}) + "\n")
+            n += 1
+    return path, n
+
+
+def run_scheduler(engine, req: str, tmp: str, scheduler: str, rows: int, args, timelines: list) -> dict:
+    from vtprune.engine import scheduler as sched_mod
+
+    out = os.path.join(tmp, "answers.jsonl")
+    if os.path.exists(out):
+        os.remove(out)
+    made = []
+    init = sched_mod.InflightScheduler.__init__
+
+    def keep(self, *a, **kw):  # the benchmark reads the scheduler's rows-in-flight log afterwards
+        init(self, *a, **kw)
+        made.append(self)
+    sched_mod.InflightScheduler.__init__ = keep
+    try:
+        t = time.perf_counter()
+        if scheduler == "static":
+            counts = run_job(engine, req, out, batch_size=rows, max_new_tokens=args.new_tokens, progress=False,
+                             scheduler="static")
+        else:
+            counts = run_job(engine, req, out, batch_size=args.prefill_batch, max_new_tokens=args.new_tokens,
+                             progress=False, scheduler="inflight", kv_budget_gb=args.kv_budget_gb, max_rows=rows)
+        dt = time.perf_counter() - t
+    finally:
+        sched_mod.InflightScheduler.__init__ = init
+    if made:
+        log = made[0].rows_in_flight
+        timelines.append([(round(ts - t, 4), n) for ts, n in log])
+    return {"seconds": dt, "answered": counts["answered"], "generated_tokens": counts["generated_tokens"],
+            "requests_per_s": counts["answered"] / dt, "generated_tok_per_s": counts["generated_tokens"] / dt,
+            "decode_steps": len(made[0].rows_in_flight) if made else None}
+
+
+def bench_schedulers(args) -> dict:
+    import json
+    import statistics
+
+    from vtprune.demo import default_model_dir, default_pruning
+    from vtprune.engine.kv_cache import row_bytes
+    from vtprune.engine.scheduler import rows_for_budget
+
+    model = args.model or default_model_dir()
+    pruning = args.pruning or default_pruning()
+    engine = LlavaEngine.from_pretrained(model, device="cpu", dtype=torch.float32)
+    configs = [("unpruned", None), ("two-stage", pruning)]
+    with tempfile.TemporaryDirectory() as tmp:
+        req, n_req = scheduler_requests(args.data, tmp)
+        questions = [json.loads(line)["question"] for line in open(req)]
+        from vtprune.engine.inputs import format_prompt
+
+        longest = max(len(engine.prompts.encode(format_prompt(q))) for q in questions)
+        per_row = {}
+        for name, cfg in configs:
+            engine.set_pruning(cfg)
+            T = longest - engine.cfg.num_visual_tokens + engine.prompts.num_visual_tokens
+            per_row[name] = row_bytes(engine.plan, T, args.new_tokens, engine.cfg.text, engine.dtype, rounded=True)
+        if args.kv_budget_gb is None:
+            args.kv_budget_gb = args.budget_rows * per_row["unpruned"] / (1 << 30)
+        budget = int(args.kv_budget_gb * (1 << 30))
+        rows = {name: rows_for_budget(budget, per_row[name], args.max_rows) for name, _ in configs}
+        runs: dict = {}
+        timelines: dict = {}
+        systems = [(name, cfg, s) for name, cfg in configs for s in ("static", "inflight")]
+        for name, cfg, s in systems:  # warm-up: the compiled ops, the allocator, the page cache
+            engine.set_pruning(cfg)
+            run_scheduler(engine, req, tmp, s, rows[name], argparse.Namespace(**{**vars(args), "new_tokens": 4}), [])
+        for rep in range(args.repeats):
+            for name, cfg, s in systems:
+                engine.set_pruning(cfg)
+                r = run_scheduler(engine, req, tmp, s, rows[name], args, timelines.setdefault(f"{name} {s}", []))
+                runs.setdefault(f"{name} {s}", []).append(r)
+                print(f"  run {rep + 1}/{args.repeats} {name:>9} {s:>8}: {r['requests_per_s']:6.2f} req/s "
+                      f"{r['generated_tok_per_s']:7.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
+    table = []
+    for name, _ in configs:
+        for s in ("static", "inflight"):
+            rs = runs[f"{name} {s}"]
+            table.append({"pruning": name, "scheduler": s, "rows": rows[name],
+                          "kv_row_bytes": per_row[name], "requests": rs[0]["answered"],
+                          "generated_tokens": rs[0]["generated_tokens"],
+                          "seconds_median": statistics.median(r["seconds"] for r in rs),
+                          "requests_per_s_median": statistics.median(r["requests_per_s"] for r in rs),
+                          "generated_tok_per_s_median": statistics.median(r["generated_tok_per_s"] for r in rs),
+                          "decode_steps": rs[0]["decode_steps"], "runs": rs})
+    for r in table:  # the first measured run's log: how full the in-flight rows were, on average
+        log = timelines.get(f"{r['pruning']} {r['scheduler']}")
+        r["mean_rows_in_flight"] = (sum(n for _, n in log[0]) / len(log[0])) if log and log[0] else None
+    by = {(r["pruning"], r["scheduler"]): r for r in table}
+
+    def ratio(a, b, key="generated_tok_per_s_median"):
+        return by[a][key] / by[b][key]
+    ratios = {
+        "inflight/static unpruned, tok/s": ratio(("unpruned", "inflight"), ("unpruned", "static")),
+        "inflight/static two-stage, tok/s": ratio(("two-stage", "inflight"), ("two-stage", "static")),
+        "two-stage/unpruned static, tok/s": ratio(("two-stage", "static"), ("unpruned", "static")),
+        "two-stage/unpruned inflight, tok/s": ratio(("two-stage", "inflight"), ("unpruned", "inflight")),
+        "two-stage inflight / unpruned static, tok/s": ratio(("two-stage", "inflight"), ("unpruned", "static")),
+        "two-stage inflight / unpruned static, req/s": ratio(("two-stage", "inflight"), ("unpruned", "static"),
+                                                             "requests_per_s_median"),
+    }
+    result = {"benchmark": "batch_schedulers", "date": today(), "device_name": device_name(torch.device("cpu")),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "model": os.path.basename(model.rstrip("/")),
+              "pruning": pruning, "data": os.path.abspath(args.data), "requests": n_req,
+              "new_tokens": args.new_tokens, "prefill_batch": args.prefill_batch, "kv_budget_gb": args.kv_budget_gb,
+              "repeats": args.repeats, "rows": table, "ratios": ratios,
+              "rows_in_flight": {k: v for k, v in timelines.items() if v and v[0]}}
+    stem = write_results(args.out, "batch_schedulers", args.tag, result, scheduler_markdown(result))
+    plot_rows(result, stem + ".png")
+    return result
+
+
+def scheduler_markdown(result) -> str:
+    lines = [f"# Static vs in-flight batching, {result['device_name']} ({result['date']})", "",
+             f"torch {result['torch']}, {result['threads']} threads; model {result['model']}; {result['requests']} "
+             f"SynthVQA requests (questions + captions), max {result['new_tokens']} new tokens, greedy; KV budget "
+             f"{result['kv_budget_gb'] * 1024:.1f} MiB for every system; prefill batches of "
+             f"{result['prefill_batch']} (in-flight); medians of {result['repeats']} runs.", "",
+             "| pruning | scheduler | rows | KV bytes/row | seconds | requests/s | generated tok/s | decode steps "
+             "| mean rows in flight |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['pruning']} | {r['scheduler']} | {r['rows']} | {r['kv_row_bytes'] / 1e6:.2f} MB | "
+                     f"{r['seconds_median']:.2f} | {r['requests_per_s_median']:.2f} | "
+                     f"{r['generated_tok_per_s_median']:.1f} | {r['decode_steps'] or ''} | "
+                     f"{'' if r.get('mean_rows_in_flight') is None else format(r['mean_rows_in_flight'], '.1f')} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(result, path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, runs in result["rows_in_flight"].items():
+        t, n = zip(*runs[0])
+        rows = next(r["rows"] for r in result["rows"] if name.startswith(r["pruning"]))
+        ax.step(t, n, where="post", label=f"{name} (of {rows} rows)")
+    ax.set_xlabel("seconds into the job")
+    ax.set_ylabel("rows in flight")
+    ax.set_title(f"In-flight batching, same KV budget ({result['device_name']}, {result['date']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--schedulers", action="store_true", help="static vs in-flight, unpruned vs two-stage (CPU)")
+    p.add_argument("--data", default=None, help="--schedulers: a SynthVQA split's JSONL")
+    p.add_argument("--model", default=None, help="--schedulers: model directory (default: the embedded one)")
+    p.add_argument("--pruning", default=None, help="--schedulers: two-stage YAML (default: the embedded one)")
+    p.add_argument("--kv-budget-gb", type=float, default=None)
+    p.add_argument("--budget-rows", type=int, default=8, help="--schedulers without --kv-budget-gb: the budget "
+                                                              "is this many unpruned rows")
+    p.add_argument("--max-rows", type=int, default=64)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--requests", type=int, default=None)
     p.add_argument("--per-image", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=None)
@@ -118,6 +305,11 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
+    if args.schedulers:
+        if not args.data:
+            p.error("--schedulers needs --data (a SynthVQA split: python -m vtprune.quality.synthvqa ...)")
+        args.new_tokens = args.new_tokens or 32
+        return bench_schedulers(args)
     if args.tiny:
         from vtprune.tiny_model import tiny_llava_config
         config, device, dtype = tiny_llava_config(), torch.device("cpu"), torch.float32

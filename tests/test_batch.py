@@ -84,9 +84,31 @@ def test_out_of_memory_splits_the_batch(small_engine, monkeypatch):
         return real(images, prompts, **kw)
     monkeypatch.setattr(small_engine, "generate", generate)
     reqs = [{"id": i, "image": make_image(i, 60, 60), "question": "Hi?"} for i in range(5)]
-    out = list(answer_requests(small_engine, reqs, batch_size=4, max_new_tokens=2))
+    out = list(answer_requests(small_engine, reqs, batch_size=4, max_new_tokens=2, scheduler="static"))
     assert sorted(r["id"] for r in out if "error" not in r) == list(range(5))
     assert calls[0] == 4 and calls.count(1) == 5
+
+
+def test_a_failing_inflight_scheduler_hands_its_requests_to_the_static_path(small_engine, monkeypatch):
+    """Out of memory in the in-flight prefill: the requests it held go through the static path
+    (which splits on OOM); the scheduler goes on with the rest; every answer is the one it gets
+    without the failure."""
+    from vtprune.engine.scheduler import InflightScheduler
+
+    reqs = [{"id": i, "image": make_image(i, 60, 60), "question": "Hi?" + " yes" * i} for i in range(7)]
+    want = {r["id"]: r["token_ids"] for r in answer_requests(small_engine, reqs, batch_size=2, max_new_tokens=5)}
+    real, calls = InflightScheduler._admit, []
+
+    def admit(self, group, rows):
+        calls.append(len(group))
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(self, group, rows)
+    monkeypatch.setattr(InflightScheduler, "_admit", admit)
+    got = {r["id"]: r["token_ids"] for r in answer_requests(small_engine, reqs, batch_size=2, max_new_tokens=5,
+                                                            window=1)}
+    assert got == want and len(want) == 7
+    assert len(calls) > 2  # after the failure the scheduler admitted again
 
 
 def test_python_api_yields_records(small_engine):
@@ -96,6 +118,10 @@ def test_python_api_yields_records(small_engine):
     out = {r["id"]: r for r in answer_requests(small_engine, reqs, batch_size=8, max_new_tokens=3)}
     assert len(out["a"]["token_ids"]) == 3 and len(out["b"]["token_ids"]) == 3
     assert "no '<image>' placeholder" in out["c"]["error"]
+    static = {r["id"]: r for r in answer_requests(small_engine, reqs, batch_size=8, max_new_tokens=3,
+                                                  scheduler="static")}
+    assert {k: (r.get("token_ids"), r.get("text"), r.get("error")) for k, r in out.items()} == \
+        {k: (r.get("token_ids"), r.get("text"), r.get("error")) for k, r in static.items()}
 
 
 def free_port() -> int:

@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -53,3 +55,33 @@ def test_bench_batch_tiny_runs(tmp_path):
     assert [r["system"] for r in result["rows"]] == ["vtprune batch", "transformers generate (sdpa)"]
     assert all(r["requests"] == 4 and r["requests_per_s"] > 0 for r in result["rows"])
     assert (tmp_path / "b.md").exists()
+
+
+def test_bench_batch_schedulers_runs_every_system_at_one_budget(tmp_path):
+    import subprocess
+
+    from vtprune.demo import has_trained_default
+    from vtprune.quality.synthvqa import write_split
+
+    if not has_trained_default():
+        pytest.skip("the embedded SynthVQA model is not in this checkout")
+    data = write_split(str(tmp_path / "sv"), "test", 2, seed=5, progress=False)
+    # a process of its own without Triton's interpreter (conftest sets it for the kernel tests; the
+    # two-stage prefill's top-k under the interpreter makes this run minutes instead of seconds)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_batch.py"), "--schedulers", "--data",
+                        data, "--repeats", "1", "--new-tokens", "8", "--budget-rows", "2", "--out", str(tmp_path),
+                        "--tag", "s"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(tmp_path / "s.json"))
+    rows = {(r["pruning"], r["scheduler"]): r for r in result["rows"]}
+    assert sorted(rows) == [("two-stage", "inflight"), ("two-stage", "static"), ("unpruned", "inflight"),
+                            ("unpruned", "static")]
+    assert rows["unpruned", "static"]["rows"] == 2 and rows["two-stage", "static"]["rows"] > 2
+    assert all(r["requests"] == 6 for r in rows.values())
+    # the same greedy answers: the same number of generated tokens under either scheduler
+    for p in ("unpruned", "two-stage"):
+        assert rows[p, "static"]["generated_tokens"] == rows[p, "inflight"]["generated_tokens"]
+    assert max(n for _, n in result["rows_in_flight"]["two-stage inflight"][0]) <= rows["two-stage", "inflight"]["rows"]
+    assert (tmp_path / "s.md").exists()

@@ -401,37 +401,50 @@ def test_parts_and_earlier_outputs_are_never_lost(small_engine, files, tmp_path)
 
 
 # ----------------------------------------------------------------------------- engine failures
-def test_an_exception_inside_the_engine_is_that_request_s_record(small_engine, files, tmp_path, monkeypatch, capsys):
-    real = small_engine.generate
+def failing_prefill(engine, fails):
+    """engine._prefill raising `fails(prompt texts of the batch)` (an exception or None): the step
+    both schedulers (static: generate, in-flight: the scheduler's admission) go through."""
+    real = engine._prefill
 
-    def generate(images, prompts, **kw):
-        if any("BUG" in p for p in prompts):
-            raise RuntimeError("boom")
-        return real(images, prompts, **kw)
-    monkeypatch.setattr(small_engine, "generate", generate)
+    def prefill(batch, cache):
+        error = fails([engine.prompts.decode(row) for row in batch.input_ids.tolist()])
+        if error is not None:
+            raise error
+        return real(batch, cache)
+    return prefill
+
+
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+def test_an_exception_inside_the_engine_is_that_request_s_record(small_engine, files, tmp_path, monkeypatch, capsys,
+                                                                 scheduler):
+    bug = failing_prefill(small_engine, lambda texts: RuntimeError("boom") if any("BUG" in t for t in texts) else None)
+    monkeypatch.setattr(small_engine, "_prefill", bug)
     lines = [rec(id=i, image=str(files / "im0.png"), question="BUG" if i == 1 else "q") for i in range(3)]
-    recs, counts = job(small_engine, tmp_path, lines)
+    recs, counts = job(small_engine, tmp_path, lines, scheduler=scheduler)
     assert [r for r in recs if "error" in r] == [
         {"id": 1, "line": 2, "error": "internal error (RuntimeError: boom); please report it", "retry": "always"}]
     assert sorted(r["id"] for r in recs if "text" in r) == [0, 2] and counts["internal_errors"] == 1
     err = capsys.readouterr().err
     assert err.count("Traceback (most recent call last)") == 1 and "RuntimeError: boom" in err
-    monkeypatch.setattr(small_engine, "generate", real)  # fixed: the next run answers it
-    again, counts = job(small_engine, tmp_path, lines)
+    monkeypatch.undo()  # fixed: the next run answers it
+    again, counts = job(small_engine, tmp_path, lines, scheduler=scheduler)
     assert counts["answered"] == 1 and again[-1]["id"] == 1 and "text" in again[-1]
     assert sorted(r["id"] for r in read_results(str(tmp_path / "out.jsonl"))) == [0, 1, 2]
 
 
-def test_out_of_memory_even_alone_is_a_setting_error(small_engine, files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+def test_out_of_memory_even_alone_is_a_setting_error(small_engine, files, tmp_path, monkeypatch, scheduler):
     calls = []
 
-    def generate(images, prompts, **kw):
-        calls.append(len(prompts))
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 1099511627776 bytes")
-    monkeypatch.setattr(small_engine, "generate", generate)
-    recs, _ = job(small_engine, tmp_path, [rec(id=i, image=str(files / "im0.png"), question="q") for i in range(3)])
-    assert calls == [3, 1, 2, 1, 1]  # halved, then alone
+    def oom(texts):
+        calls.append(len(texts))
+        return RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                            "you tried to allocate 1099511627776 bytes")
+    monkeypatch.setattr(small_engine, "_prefill", failing_prefill(small_engine, oom))
+    recs, _ = job(small_engine, tmp_path, [rec(id=i, image=str(files / "im0.png"), question="q") for i in range(3)],
+                  scheduler=scheduler)
+    # in flight: the three admitted together; then, as static batches: halved, then alone
+    assert calls == ([3] if scheduler == "inflight" else []) + [3, 1, 2, 1, 1]
     assert {r["id"] for r in recs} == {0, 1, 2}
     assert all(r["retry"] == "other settings" and r["error"].startswith(
         "out of memory even alone (RuntimeError: [enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
@@ -567,15 +580,19 @@ def line_count(path):
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+# In flight with 2 rows, as many as the static batches hold: with its default 4 x batch-size rows
+# the job ends before the third kill.
+@pytest.mark.parametrize("scheduler", [["--scheduler", "static"], ["--scheduler", "inflight", "--max-rows", "2"]],
+                         ids=["static", "inflight"])
 def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(small_engine, small_dir, files,
-                                                                             tmp_path):
+                                                                             tmp_path, scheduler):
     req = fault_requests(tmp_path, files)
     ref_out = tmp_path / "reference.jsonl"
-    run_job(small_engine, str(req), str(ref_out), batch_size=2, max_new_tokens=6, progress=False)
+    run_job(small_engine, str(req), str(ref_out), batch_size=2, max_new_tokens=6, progress=False, scheduler="static")
     reference = sorted(map(json.dumps, strip_stats(read(ref_out))))
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "vtprune", "batch", "--model", small_dir, "--input", str(req), "--output", str(out),
-           "--batch-size", "2", "--max-new-tokens", "6", "--no-progress"]
+           "--batch-size", "2", "--max-new-tokens", "6", "--no-progress", *scheduler]
     env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
     rng = random.Random(16)
     killed = 0
@@ -605,18 +622,20 @@ def test_sigkill_at_random_points_then_rerun_gives_the_uninterrupted_answers(sma
 POISON = """
 import os, signal, sys
 from vtprune.engine.engine import LlavaEngine
-real = LlavaEngine.generate
-def generate(self, images, prompts, **kw):
-    if any("POISON" in p for p in prompts):  # as if the OOM killer struck, or a segfault
+real = LlavaEngine._prefill
+def _prefill(self, batch, cache):  # the step of both schedulers
+    if any("POISON" in self.prompts.decode(r) for r in batch.input_ids.tolist()):  # as if the OOM killer struck
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, images, prompts, **kw)
-LlavaEngine.generate = generate
+    return real(self, batch, cache)
+LlavaEngine._prefill = _prefill
 from vtprune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_request_that_kills_the_process_cannot_kill_every_rerun(small_engine, small_dir, files, tmp_path):
+@pytest.mark.parametrize("scheduler", ["static", "inflight"])
+def test_a_request_that_kills_the_process_cannot_kill_every_rerun(small_engine, small_dir, files, tmp_path,
+                                                                  scheduler):
     # the poison's prompt is the shortest: it sorts into the first batch, with three others
     lines = [rec(id=i, image=str(files / f"im{i % 3}.png"), question="POISON" if i == 2 else "q" * (i + 10))
              for i in range(5)]
@@ -625,7 +644,7 @@ def test_a_request_that_kills_the_process_cannot_kill_every_rerun(small_engine, 
     script = tmp_path / "poisoned.py"
     script.write_text(POISON)
     argv = [sys.executable, str(script), "batch", "--model", small_dir, "--input", str(req), "--output", str(out),
-            "--batch-size", "4", "--max-new-tokens", "3", "--no-progress"]
+            "--batch-size", "4", "--max-new-tokens", "3", "--no-progress", "--scheduler", scheduler]
     codes = [run(argv, timeout=300).returncode for _ in range(4)]
     # died with the batch in flight; then alone (once, twice); then it is an error record
     assert codes == [-signal.SIGKILL] * 3 + [0]

@@ -53,7 +53,7 @@ def test_outside_policy_is_registered_and_listed(norm_policy):
 
 
 def test_outside_policy_runs_batched_with_compaction_and_stats(small_dir, monkeypatch):
-    monkeypatch.setattr("vtprune.engine.engine._SLOT_ROUND", 1)  # exact capacities: compaction is visible
+    monkeypatch.setattr("vtprune.engine.kv_cache.SLOT_ROUND", 1)  # exact capacities: compaction is visible
     engine = engine_with(small_dir, policy="norm", budget=12)  # 18 tokens in layers 0-1, 6 in layers 2-3
     assert engine.plan.visual_tokens_per_layer() == [18, 18, 6, 6]
     batched = engine.generate(IMAGES, PROMPTS, max_new_tokens=6)

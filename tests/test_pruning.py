@@ -414,7 +414,7 @@ def test_decoding_through_the_cache_matches_the_masked_forward(small_dir, propor
     from vtprune.engine.inputs import PreparedBatch
 
     # exact cache capacities (no rounding up), so that each segment of layers holds fewer slots
-    monkeypatch.setattr("vtprune.engine.engine._SLOT_ROUND", 1)
+    monkeypatch.setattr("vtprune.engine.kv_cache.SLOT_ROUND", 1)
     engine = engine_with(small_dir, **dict(SMALL, merger_type="simple", proportional_attention=proportional))
     assert engine.plan.uses_key_bias == proportional
     plan, model = engine.plan, engine.model

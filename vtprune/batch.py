@@ -2,11 +2,16 @@
 
     vtprune batch --model DIR --input requests.jsonl --output answers.jsonl
                   [--pruning cfg.yaml] [--batch-size 16] [--max-new-tokens 64]
+                  [--scheduler inflight|static] [--kv-budget-gb GB] [--max-rows N]
 
 Input records: {"id": ..., "image": path, "prompt": "... <image> ..."} or {"id", "image", "question"}.
 - The input is streamed: a window of batch_size x 8 records is read, grouped by prompt length
   (and image, so questions about one image share its vision-tower pass), and answered batch by
   batch; every batch's records are written and flushed (fsync) before the next batch starts.
+- Scheduler: "inflight" (default; engine/scheduler.py) keeps up to --max-rows decode rows, as many
+  as --kv-budget-gb holds of the requests' pruned KV rows, and refills finished rows between decode
+  steps with requests prefilled --batch-size at a time (records are written as requests finish);
+  "static" decodes each batch until its longest answer is done. Greedy answers are the same.
 - Resumable: ids already answered in the output are skipped. A job killed at any moment
   (kill -9 included) and re-run ends with every id answered exactly once: a torn last line (a
   write cut short) is cut off before appending.
@@ -38,7 +43,8 @@ Hard crashes (the OOM killer, a segfault): before each batch starts, its ids are
 time, first; a request that was in flight alone when the job died twice gets a retry-with-other-
 settings error record instead of crashing every re-run. A clean end removes the file.
 
-Out of memory (CUDA, or the CPU allocator): the batch is split in halves and retried.
+Out of memory (CUDA, or the CPU allocator): the batch is split in halves and retried. In flight, a
+failing scheduler (out of memory included) hands the requests it held to the static path.
 Under torchrun each rank appends to `OUT.partR-of-W`; ids already in the output or in any part
 file (of any world size) count as done, and parts are merged into the output by appending the
 lines it lacks (a single-process run merges leftover parts too).
@@ -226,12 +232,19 @@ class _Answerer:
     """Turns a stream of Requests (and ready error records, passed through) into output records."""
 
     def __init__(self, engine, batch_size: int, max_new_tokens: int, window: int, fingerprint: str,
-                 generate_kwargs: dict, alone=frozenset(), before_batch=None, after_batch=None):
+                 generate_kwargs: dict, alone=frozenset(), before_batch=None, after_batch=None,
+                 scheduler: str = "inflight", kv_budget_gb: float | None = None, max_rows: int | None = None):
         self.engine, self.batch_size, self.max_new_tokens, self.window = engine, batch_size, max_new_tokens, window
         self.fp, self.kwargs, self.alone = fingerprint, generate_kwargs, alone
         self.before_batch, self.after_batch = before_batch, after_batch
         self.ctx = engine.cfg.text.max_position_embeddings
         self.internal_errors = 0
+        self.scheduler = None
+        if scheduler == "inflight":  # the engine checks the options (each error names its option)
+            self.scheduler = engine.inflight(max_new_tokens, prefill_batch=batch_size,
+                                             max_rows=max_rows or MAX_ROWS_PER_BATCH * batch_size,
+                                             kv_budget_gb=kv_budget_gb, **generate_kwargs)
+            self.scheduler.lookahead = batch_size * window
 
     def settings_error(self, r: Request, msg: str) -> dict:
         return {"id": r.id, "line": r.line, "error": msg, "retry": "other settings", "settings": self.fp}
@@ -246,6 +259,9 @@ class _Answerer:
                 "retry": "always"}
 
     def __call__(self, items: Iterable) -> Iterator[dict]:
+        if self.scheduler is not None:
+            yield from self._inflight(items)
+            return
         pending: list[Request] = []
         for item in items:
             if isinstance(item, dict):
@@ -284,11 +300,113 @@ class _Answerer:
                                           f"of {self.ctx} (at most {self.ctx - r.tokens} new tokens fit)")
         return None
 
+    @staticmethod
+    def _sorted(pending: list[Request]) -> list[Request]:
+        """By (prompt length, image): little padding per batch, and questions about one image side
+        by side (one vision-tower pass, a shared prefix)."""
+        return sorted(pending, key=lambda r: (r.tokens, r.image if isinstance(r.image, str) else str(id(r.image))))
+
     def _group(self, pending: list[Request]) -> Iterator[dict]:
-        """Sort a window by (prompt length, image) and answer it batch by batch."""
-        pending = sorted(pending, key=lambda r: (r.tokens, r.image if isinstance(r.image, str) else str(id(r.image))))
+        """Sort a window and answer it batch by batch (the static scheduler)."""
+        pending = self._sorted(pending)
         for i in range(0, len(pending), self.batch_size):
             yield from self._batch(pending[i: i + self.batch_size])
+
+    def _inflight(self, items: Iterable) -> Iterator[dict]:
+        """The in-flight scheduler over the whole stream (windows sorted as for static batches):
+        records come out as requests finish. Records that are ready without the model (bad
+        lines, prompts too long, images that do not load) go out between them. If the scheduler
+        fails (out of memory, a bad prompt it could not foresee, a bug), the requests it held go
+        through the static path, which splits batches and writes each request's error record,
+        and the scheduler goes on with the rest of the stream."""
+        from .engine.scheduler import Item
+
+        side: list[dict] = []      # records ready to go out
+        held: dict[str, tuple[Request, object]] = {}  # key -> (request, its image or None): given to the scheduler
+
+        def windows():
+            pending: list[Request] = []
+            for item in items:
+                if isinstance(item, dict):
+                    side.append(item)
+                    continue
+                err = self._fit(item)
+                if err is not None:
+                    side.append(err)
+                elif item.key in self.alone:  # a suspect of a crash: alone, on the static path
+                    side.extend(self._batch([item]))
+                else:
+                    pending.append(item)
+                    if len(pending) >= self.batch_size * self.window:
+                        yield from self._sorted(pending)
+                        pending = []
+            yield from self._sorted(pending)
+
+        def feed():
+            for r in windows():
+                held[r.key] = (r, None)
+                yield Item(r.key, r.image, r.prompt, r.tokens)
+
+        def load(it: Item):
+            r, _ = held[it.key]
+            image, err = self._load(r.image)
+            if err is not None:
+                del held[it.key]
+                side.append({"id": r.id, "line": r.line, **err})
+                return None
+            held[it.key] = (r, image)
+            return image
+
+        def on_admit(in_flight: list[Item]):
+            if self.before_batch is not None:
+                self.before_batch([held[it.key][0] for it in in_flight])
+
+        stream = feed()
+        while True:
+            try:
+                for key, ids, stats in self.scheduler.run(stream, on_admit, load):
+                    yield from self._drain(side)  # read (or loaded) before this answer was done
+                    r, _ = held.pop(key)
+                    res = self.engine._result(ids, self.scheduler.stops, stats)
+                    yield {"id": r.id, "text": res.text, "token_ids": res.token_ids, "stats": res.stats}
+                yield from self._drain(side)
+                break
+            except Exception:  # noqa: BLE001 - the static path below reports each request's own error
+                pass
+            # handled outside the except block, so that a later error does not chain onto this one
+            self.scheduler.release()
+            self.engine.release_cache()
+            yield from self._drain(side)
+            left = list(held.values())
+            held.clear()
+            for i in range(0, len(left), self.batch_size):
+                yield from self._static_batch(left[i: i + self.batch_size])
+        if self.after_batch is not None:
+            self.after_batch()
+
+    def _static_batch(self, chunk: list[tuple[Request, object]]) -> Iterator[dict]:
+        """Requests the in-flight scheduler held when it failed, with their images where it had
+        loaded them (None: not yet), through the static path."""
+        if self.before_batch is not None:
+            self.before_batch([r for r, _ in chunk])
+        good, images = [], []
+        for r, image in chunk:
+            if image is None:
+                image, err = self._load(r.image)
+                if err is not None:
+                    yield {"id": r.id, "line": r.line, **err}
+                    continue
+            good.append(r)
+            images.append(image)
+        if good:
+            yield from self._generate(good, images)
+        if self.after_batch is not None:
+            self.after_batch()
+
+    @staticmethod
+    def _drain(records: list[dict]) -> Iterator[dict]:
+        while records:
+            yield records.pop(0)
 
     def _batch(self, batch: list[Request]) -> Iterator[dict]:
         if self.before_batch is not None:
@@ -353,15 +471,36 @@ class _Answerer:
 
 
 _GENERATE_OPTIONS = ("temperature", "top_p", "seed", "stop", "use_cuda_graph")
+SCHEDULERS = ("inflight", "static")
+# Decode rows of the in-flight scheduler without --max-rows: this many per prefill batch, fewer
+# when the KV budget holds fewer.
+MAX_ROWS_PER_BATCH = 4
+
+
+def check_scheduler(scheduler, kv_budget_gb=None, max_rows=None) -> None:
+    """The scheduler settings of a job, checked at start-up (before any file is written)."""
+    from .engine.engine import check_kv_budget
+
+    if scheduler not in SCHEDULERS:
+        raise VtpruneError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+    if kv_budget_gb is not None:
+        check_kv_budget(kv_budget_gb, "--kv-budget-gb")
+    if max_rows is not None:
+        _check_int(max_rows, "the number of decode rows", "--max-rows")
 
 
 def answer_requests(engine, requests: Iterable[dict], batch_size: int = 16, max_new_tokens: int = 64,
-                    window: int = 8, **generate_kwargs) -> Iterator[dict]:
+                    window: int = 8, scheduler: str = "inflight", kv_budget_gb: float | None = None,
+                    max_rows: int | None = None, **generate_kwargs) -> Iterator[dict]:
     """Yields one output record per request (answers and error records, as in a job's output),
-    batch by batch. `requests`: an iterable of dicts {"id", "image" (a path or a PIL image),
+    as requests finish. `requests`: an iterable of dicts {"id", "image" (a path or a PIL image),
     "prompt" or "question"}; an item that is not such a dict gets an error record (`line`: its
-    1-based position). Bad settings raise VtpruneError here, before anything is yielded."""
+    1-based position). Bad settings raise VtpruneError here, before anything is yielded.
+    scheduler "inflight" (engine/scheduler.py: up to max_rows decode rows, default
+    MAX_ROWS_PER_BATCH x batch_size, within kv_budget_gb, refilled between decode steps with
+    requests prefilled batch_size at a time) or "static" (batches decoded to their longest row)."""
     check_settings(batch_size, max_new_tokens, window)
+    check_scheduler(scheduler, kv_budget_gb, max_rows)
     unknown = sorted(set(generate_kwargs) - set(_GENERATE_OPTIONS))
     if unknown:
         raise VtpruneError(f"answer_requests: unknown option(s) {', '.join(unknown)}; "
@@ -392,7 +531,9 @@ def answer_requests(engine, requests: Iterable[dict], batch_size: int = 16, max_
             except VtpruneError as e:
                 yield {"id": record["id"], "line": line, "error": str(e)}
 
-    return _Answerer(engine, batch_size, max_new_tokens, window, fp, generate_kwargs)(items())
+    answer = _Answerer(engine, batch_size, max_new_tokens, window, fp, generate_kwargs, scheduler=scheduler,
+                       kv_budget_gb=kv_budget_gb, max_rows=max_rows)  # checks the scheduler's options
+    return answer(items())
 
 
 def _duplicate(rid, line: int, first: int) -> dict:
@@ -686,9 +827,11 @@ class Job:
         return state
 
     # -------------------------------------------------------------- the run
-    def run(self, engine, progress: bool = True, settings: dict | None = None, **generate_kwargs) -> dict:
+    def run(self, engine, progress: bool = True, settings: dict | None = None, scheduler: str = "inflight",
+            kv_budget_gb: float | None = None, max_rows: int | None = None, **generate_kwargs) -> dict:
         from tqdm import tqdm
 
+        check_scheduler(scheduler, kv_budget_gb, max_rows)
         check_context(engine, self.max_new_tokens)
         fp = settings_fingerprint(engine, self.max_new_tokens, settings)
         done = self.done
@@ -751,7 +894,8 @@ class Job:
                 yield item
 
         answer = _Answerer(engine, self.batch_size, self.max_new_tokens, self.window, fp, generate_kwargs,
-                           alone=frozenset(suspects), before_batch=before_batch, after_batch=lambda: write(buffer))
+                           alone=frozenset(suspects), before_batch=before_batch, after_batch=lambda: write(buffer),
+                           scheduler=scheduler, kv_budget_gb=kv_budget_gb, max_rows=max_rows)
         rank, world = self.shard
         counts["skipped"] = sum(_shard_of(k, world) == rank for k in done.answered | done.final |
                                 {k for k, fps in done.retry_settings.items() if fp in fps})
@@ -865,7 +1009,10 @@ def open_job(input_path, output_path, batch_size: int = 16, max_new_tokens: int 
 
 
 def run_job(engine, input_path: str, output_path: str, batch_size: int = 16, max_new_tokens: int = 64,
-            shard=(0, 1), progress: bool = True, settings: dict | None = None) -> dict:
-    """Answer every not-yet-answered request of input_path into output_path (appending)."""
+            shard=(0, 1), progress: bool = True, settings: dict | None = None, scheduler: str = "inflight",
+            kv_budget_gb: float | None = None, max_rows: int | None = None) -> dict:
+    """Answer every not-yet-answered request of input_path into output_path (appending); the
+    scheduler options as in answer_requests."""
     job = open_job(input_path, output_path, batch_size, max_new_tokens, shard)
-    return job.run(engine, progress=progress, settings=settings)
+    return job.run(engine, progress=progress, settings=settings, scheduler=scheduler, kv_budget_gb=kv_budget_gb,
+                   max_rows=max_rows)

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from . import demo
-from .batch import check_world, merge_parts, open_job
+from .batch import check_scheduler, check_world, merge_parts, open_job
 from .engine import LlavaEngine, format_prompt
 from .engine import arguments as check
 from .engine.inputs import IMAGE_TOKEN
@@ -76,8 +76,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--input", required=True, help='JSONL: {"id", "image", "prompt" or "question"} per line')
     b.add_argument("--output", required=True, help="JSONL answers (appended to; re-run to resume)")
-    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--batch-size", type=int, default=16,
+                   help="requests prefilled together (static: also decoded together)")
     b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--scheduler", default="inflight", choices=("inflight", "static"),
+                   help="inflight: finished rows are refilled between decode steps (default); static: each batch "
+                        "decodes until its longest answer is done")
+    b.add_argument("--kv-budget-gb", type=float, default=None,
+                   help="in-flight KV cache memory; rows in flight = what it holds of requests' pruned KV rows "
+                        "(default: on CUDA 60%% of the memory free after the weights, on CPU 2 GB)")
+    b.add_argument("--max-rows", type=int, default=None, help="in-flight decode rows at most (default 4 x batch size)")
     b.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("eval", help="accuracy, BLEU, visual tokens, FLOPs and latency on a JSONL data set")
     _add_model_args(e, repeatable=True)
@@ -204,6 +212,7 @@ def _cmd_batch(args) -> int:
     # Every check that needs no model comes first, before any file is written: a bad job setting
     # is refused at start-up, not turned into an error record per request.
     rank, world = check_world()
+    check_scheduler(args.scheduler, args.kv_budget_gb, args.max_rows)
     job = open_job(args.input, args.output, args.batch_size, args.max_new_tokens, shard=(rank, world),
                    inputs={"pruning config": args.pruning})
     check_model_dir(args.model)
@@ -219,7 +228,8 @@ def _cmd_batch(args) -> int:
             torch.cuda.set_device(device)
     engine = LlavaEngine.from_pretrained(args.model, device=device, dtype=dtype, pruning=pruning)
     counts = job.run(engine, progress=not args.no_progress and rank == 0,
-                     settings={"model": os.path.realpath(args.model)})
+                     settings={"model": os.path.realpath(args.model)}, scheduler=args.scheduler,
+                     kv_budget_gb=args.kv_budget_gb, max_rows=args.max_rows)
     if world > 1:
         import torch.distributed as dist
 

@@ -15,16 +15,12 @@ from .config import LlavaModelConfig, _Section, _token_ids, read_model_json
 from .flops import prefill_flops, vision_flops
 from .generate import CompiledDecode, DecodeGraph, decode_step, decode_tokens, prefill
 from .inputs import PreparedBatch, PromptEncoder, check_pairs, load_image, prompt_images
-from .kv_cache import KVCache
+from .kv_cache import KVCache, layout
 from .model import LlavaModel
 from .runtime import quiet_transformers, resolve_device, resolve_dtype
 from .tokenizer import build_tokenizer
 from .weights import load_weights
 
-# Prompt capacity and decode length are rounded up to this many slots so that requests of
-# similar length reuse one KV cache and one captured CUDA graph (masked slots cost nothing
-# but reads: at most 63 of ~680 slots for LLaVA-1.5 prompts).
-_SLOT_ROUND = 64
 
 
 @dataclass
@@ -196,20 +192,64 @@ class LlavaEngine:
         results = []
         for i, row in enumerate(rows):
             end = self._stop_index(row, stops)
-            ids = row[:end] if end is not None else row
-            text = self.prompts.decode(ids)
-            for s in stops:
-                if s in text:
-                    text = text[: text.index(s)]
-            results.append(GenerationResult(text=text.strip(), token_ids=ids, stats={
+            results.append(self._result(row if end is None else row[:end], stops, {
                 "prompt_tokens": lengths[i],
                 "visual_tokens": self.prompts.num_visual_tokens * _images_in_row(batch, i),
-                "generated_tokens": len(ids),
                 "time_to_first_token_s": t_first - t0,  # includes image loading and preprocessing
                 "decode_s": t_end - t_first,
                 **{k: v[i] for k, v in layer_stats.items()},
             }))
         return results
+
+    def _result(self, ids: list[int], stops: list[str], stats: dict) -> GenerationResult:
+        """The result of one row's generated ids, already cut after its stop (`_stop_index`): the
+        text is cut before the stop string and stripped."""
+        text = self.prompts.decode(ids)
+        for s in stops:
+            if s in text:
+                text = text[: text.index(s)]
+        stats = dict(stats)
+        stats["generated_tokens"] = len(ids)
+        return GenerationResult(text=text.strip(), token_ids=ids, stats=stats)
+
+    def inflight(self, max_new_tokens: int = 64, prefill_batch: int = 16, max_rows: int = 64,
+                 kv_budget_gb: float | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] | str | None = None,
+                 use_cuda_graph: bool = True):
+        """An in-flight batching scheduler (engine/scheduler.py) for this engine and its pruning:
+        up to `max_rows` decode rows, as many as `kv_budget_gb` of KV cache holds (default: on
+        CUDA a share of the memory free after the weights, on CPU scheduler.CPU_KV_BUDGET_GB),
+        refilled between decode steps with requests prefilled `prefill_batch` at a time. Greedy
+        answers equal `generate`'s; sampled ones (temperature > 0) do not follow the static path's
+        random stream (every row draws from one generator at every step, in another order)."""
+        from .scheduler import InflightScheduler
+
+        max_new_tokens = check.check_max_new_tokens(max_new_tokens)
+        prefill_batch = check.check_int(prefill_batch, "prefill_batch", 1)
+        max_rows = check.check_int(max_rows, "max_rows", 1)
+        budget = None if kv_budget_gb is None else int(check_kv_budget(kv_budget_gb) * (1 << 30))
+        temperature, top_p = check.check_temperature(temperature), check.check_top_p(top_p)
+        seed, stops = check.check_seed(seed), check.check_stops(stop)
+        use_cuda_graph = check.check_flag(use_cuda_graph, "use_cuda_graph")
+        return InflightScheduler(self, max_new_tokens, prefill_batch, max_rows, budget, stops, temperature, top_p,
+                                 seed, use_cuda_graph)
+
+    @torch.inference_mode()
+    def generate_inflight(self, images, prompts, max_new_tokens: int = 64, **options) -> list[GenerationResult]:
+        """`generate` through the in-flight scheduler (options: those of `inflight`); one result
+        per prompt, in order. Greedy results equal `generate`'s, request for request."""
+        from .scheduler import Item
+
+        prompts, images = check.check_prompts(prompts), check.check_images(images)
+        counts = check_pairs(images, prompts)
+        if self.plan is not None:
+            self.plan.check_image_counts(counts)
+            if not any(counts):
+                raise VtpruneError("generate_inflight: text-only prompts under a pruning plan: use generate")
+        sched = self.inflight(max_new_tokens, **options)
+        items = [Item(i, im, p, len(self.prompts.encode(p))) for i, (im, p) in enumerate(zip(images, prompts))]
+        out = {key: self._result(ids, sched.stops, stats) for key, ids, stats in sched.run(items)}
+        return [out[i] for i in range(len(items))]
 
     @torch.inference_mode()
     def generate_prepared(self, batch: PreparedBatch, max_new_tokens: int, temperature: float = 0.0,
@@ -341,9 +381,7 @@ class LlavaEngine:
         """A KV cache (and CUDA graph) sized for this batch, reused when the shape repeats."""
         B, T = batch.input_ids.shape
         plan = self._plan_for(batch)
-        round_up = (lambda n: -(-n // _SLOT_ROUND) * _SLOT_ROUND)
-        caps = plan.capacities(T) if plan is not None else [T] * self.cfg.text.num_layers
-        P, N = [round_up(c) for c in caps], round_up(max_new_tokens)
+        P, N = layout(plan, T, max_new_tokens, self.cfg.text.num_layers)
         compiled = self.compile_decode
         graph = use_cuda_graph and self.device.type == "cuda" and not compiled
         key = (B, tuple(P), N, graph, compiled, plan is not None)  # a text-only batch under a plan: plain cache
@@ -373,6 +411,15 @@ class LlavaEngine:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def check_kv_budget(value, name: str = "kv_budget_gb") -> float:
+    """A KV budget in GB: a finite number > 0."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise VtpruneError(f"{name} must be a number of GB > 0, got {value!r}")
+    return float(value)
 
 
 def _images_in_row(batch: PreparedBatch, i: int) -> int:

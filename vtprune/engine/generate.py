@@ -48,8 +48,9 @@ def prefill(model: LlavaModel, batch: PreparedBatch, cache: KVCache | None, shar
 
 def decode_step(model: LlavaModel, cache: KVCache, tokens: torch.Tensor, step: torch.Tensor,
                 base_positions: torch.Tensor) -> torch.Tensor:
-    """Feed token `step` of every row ([B]); returns logits [B, V] for token step + 1.
-    `step` is a 1-element int64 device tensor, so the whole function has static shapes."""
+    """Feed each row's token at its step ([B]); returns logits [B, V] for the token after.
+    `step` is an int64 device tensor: [1] (every row at one step, the static batch) or [B] (each
+    row its own, the in-flight scheduler), so the whole function has static shapes."""
     x = model.decoder.embed_tokens(tokens[:, None])
     positions = (base_positions + step)[:, None]
     h = model.decoder(x, positions, cache, write_slot=step, attn_masks=cache.decode_masks(step))
@@ -58,13 +59,15 @@ def decode_step(model: LlavaModel, cache: KVCache, tokens: torch.Tensor, step: t
 
 class DecodeGraph:
     """decode_step captured once in a CUDA graph for one cache; replays cost one launch.
-    Inputs are copied into static buffers; the returned logits tensor is reused by every replay."""
+    Inputs are copied into static buffers; the returned logits tensor is reused by every replay.
+    per_row: one step per row ([B], a tensor given to each call) instead of one for all."""
 
-    def __init__(self, model: LlavaModel, cache: KVCache, base_positions: torch.Tensor, warmup: int = 2):
+    def __init__(self, model: LlavaModel, cache: KVCache, base_positions: torch.Tensor, warmup: int = 2,
+                 per_row: bool = False):
         B = cache.batch
         dev = base_positions.device
         self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.step = torch.zeros(B if per_row else 1, dtype=torch.long, device=dev)
         self.base_positions = base_positions
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -76,9 +79,12 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = decode_step(model, cache, self.tokens, self.step, self.base_positions)
 
-    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, step) -> torch.Tensor:
         self.tokens.copy_(tokens)
-        self.step.fill_(step)
+        if isinstance(step, torch.Tensor):
+            self.step.copy_(step)
+        else:
+            self.step.fill_(step)
         self.graph.replay()
         return self.logits
 

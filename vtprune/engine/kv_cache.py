@@ -1,22 +1,72 @@
-"""The decoder's KV cache: preallocated, static shapes, one buffer pair per layer.
+"""The decoder's KV cache: preallocated, static shapes, one buffer pair per layer, one row per
+request in flight.
 
-Layout of layer l's buffers, [B, H_kv, S_l, Dh]:
+Layout of layer l's buffers, [R, H_kv, S_l, Dh] with S_l = P_l + N:
 
-    slots [0, P_l)            the prompt, right-padded: row b's tokens are slots [0, len_l[b])
-    slots [P_l, P_l + N)      generated tokens; step s of every row is written at slot P_l + s
+    row b, slots [0, P_l)        row b's prompt as layer l holds it: slots [0, len_l[b]) are valid
+    row b, slots [P_l, P_l + N)  row b's generated tokens: its own step s is written at slot P_l + s
+
+    layer:      0 .. 1        2 .. 3        4        5      (a two-stage plan: merge, drops at 2, 4, 5)
+    P_l:        320           192           192      192    (capacities(T) of the plan, rounded to 64)
+    row 0       [prompt|gen]  [kept |gen]   ...             request 7, at its step 12
+    row 1       [prompt|gen]  [kept |gen]   ...             request 9, at its step 3 (inserted later)
+    row 2       (free: computed with the others, its results ignored)
 
 Why this layout:
 - Prefill of right-padded rows is plain causal attention (no mask); the cache is written as is.
-- Every row writes decode step s to the same slot, so a step is one `index_copy_` at a slot
-  held in a device tensor: the decode step has static shapes and is captured in a CUDA graph.
-- Layers own their prompt capacity P_l and lengths len_l, so layers after a pruning point can
-  hold fewer (and per-row different) prompt tokens; the decode mask comes from (len_l, P_l).
+- Each row writes its decode step to slot P_l + step[b] (one `scatter_` per layer with a [R]
+  step tensor on the device; the static batch path passes one step for every row): the decode
+  step has static shapes whatever the rows' ages, and is captured in a CUDA graph once.
+- Rows are independent: `insert_rows` copies a freshly prefilled batch (its own small cache)
+  into free rows between decode steps, lengths, key biases and masks included; a finished row is
+  retired by simply no longer reading it. This is what the in-flight scheduler
+  (engine/scheduler.py) needs.
+- Layers own their prompt capacity P_l and lengths len_l: P_l is the pruning plan's per-layer
+  size (PruningPlan.capacities), so layers after a merge or drop hold only kept tokens and a
+  pruned request holds fewer KV bytes per row (`row_bytes`); decode reads are proportional to
+  kept tokens. The decode mask comes from (len_l, P_l, step).
 - key_bias=True adds one additive bias per slot (0 unless set; PruningPlan writes log(size) of
   merged tokens there, proportional attention): the decode masks are then float, not bool.
+- Capacities are rounded up to SLOT_ROUND slots (`layout`) so that batches of similar length
+  reuse one cache and one captured graph (masked slots cost reads only: at most 63 of ~680 slots
+  for LLaVA-1.5 prompts).
 """
 from __future__ import annotations
 
 import torch
+
+# Prompt capacity and decode length are rounded up to this many slots (see the docstring).
+SLOT_ROUND = 64
+
+
+def _round_up(n: int) -> int:
+    return -(-n // SLOT_ROUND) * SLOT_ROUND
+
+
+def layout(plan, prompt_len: int, max_new_tokens: int, num_layers: int) -> tuple[list[int], int]:
+    """(prompt capacity P_l per layer, decode slots N) of a cache for prompts padded to
+    `prompt_len` tokens under `plan` (a PruningPlan, or None: unpruned), rounded to SLOT_ROUND."""
+    caps = plan.capacities(prompt_len) if plan is not None else [prompt_len] * num_layers
+    return [_round_up(c) for c in caps], _round_up(max_new_tokens)
+
+
+def row_bytes(plan, prompt_len: int, max_new_tokens: int, text_cfg, dtype, rounded: bool = False) -> int:
+    """KV bytes one request holds: per layer, 2 (K, V) x H_kv x Dh x (its prompt tokens as that
+    layer holds them after merge and pruning + max_new_tokens), plus the per-slot key bias of
+    each segment with proportional attention. `rounded`: as a cache row of `layout` holds it
+    (the in-flight scheduler's rows), else the exact count."""
+    L = text_cfg.num_layers
+    if rounded:
+        caps, n = layout(plan, prompt_len, max_new_tokens, L)
+    else:
+        caps = plan.capacities(prompt_len) if plan is not None else [prompt_len] * L
+        n = max_new_tokens
+    size = torch.empty((), dtype=dtype).element_size()
+    total = sum(2 * text_cfg.num_kv_heads * text_cfg.head_dim * (c + n) for c in caps)
+    if plan is not None and plan.uses_key_bias:
+        starts = sorted({0, *(p.layer for p in plan.drop_points)})
+        total += sum(caps[i] + n for i in starts)
+    return total * size
 
 
 class KVCache:
@@ -109,18 +159,22 @@ class KVCache:
         self.v[layer][:, :, :T].copy_(v)
 
     def write_decode(self, layer: int, step: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Row b's k, v [B, H_kv, 1, Dh] at slot P_l + step[b]; `step` is [B] (each row its own
+        step) or [1] (every row at the same step)."""
         p = self.prompt_capacity[layer]  # slot p + step, written through a view of the decode slots:
-        self.k[layer][:, :, p:].index_copy_(2, step, k)  # no slot = step + p add per layer and step
-        self.v[layer][:, :, p:].index_copy_(2, step, v)
+        index = step.view(-1, 1, 1, 1).expand(k.shape)  # no slot = step + p add per layer and step
+        self.k[layer][:, :, p:].scatter_(2, index, k)
+        self.v[layer][:, :, p:].scatter_(2, index, v)
         return self.k[layer], self.v[layer]
 
     def decode_masks(self, step: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to `step`
-        (with key_bias: float, the slot's bias where visible and -inf elsewhere; generated slots'
-        bias is 0). From device tensors only (no host sync), one mask per segment."""
+        """[B, 1, 1, S_l] bool per layer: the row's prompt slots plus decode slots up to its
+        step (`step` [B] or [1], as in write_decode; with key_bias: float, the slot's bias where
+        visible and -inf elsewhere; generated slots' bias is 0). From device tensors only (no
+        host sync), one mask per segment."""
         masks = {}
         for i in self.segment_starts:
-            decoded = self._slot_step[i] <= step  # [S]
+            decoded = (self._slot_step[i] <= step[:, None])[:, None, None, :]  # [B or 1, 1, 1, S]
             prompt = self._prompt_mask[i]
             masks[i] = prompt | decoded if prompt.dtype == torch.bool else prompt.masked_fill(decoded, 0.0)
         out, current = [], None
@@ -128,3 +182,30 @@ class KVCache:
             current = masks.get(i, current)
             out.append(current)
         return out
+
+    def insert_rows(self, rows: torch.Tensor, src: "KVCache") -> None:
+        """Copy the prefilled prompts of `src` (a cache of len(rows) rows with the same segments,
+        no decode slots needed) into this cache's `rows`: keys, values, lengths and key biases;
+        the rows' decode slots are left as they are (a row's mask shows only slots below its
+        step). In place: a captured CUDA graph keeps reading the same buffers."""
+        if src.segment_starts != self.segment_starts or len(src.k) != len(self.k):
+            raise ValueError(f"insert_rows: the source cache's segments {src.segment_starts} differ from "
+                             f"this cache's {self.segment_starts}")
+        if src.batch != rows.numel():
+            raise ValueError(f"insert_rows: {rows.numel()} rows given for a source cache of {src.batch}")
+        for layer, c in enumerate(src.prompt_capacity):
+            if c > self.prompt_capacity[layer]:
+                raise ValueError(f"insert_rows: layer {layer} holds {c} prompt slots in the source, this cache "
+                                 f"{self.prompt_capacity[layer]}")
+            self.k[layer][rows, :, :c] = src.k[layer][:, :, :c]
+            self.v[layer][rows, :, :c] = src.v[layer][:, :, :c]
+        for i in self.segment_starts:
+            self.lengths[i][rows] = src.lengths[i]
+            bias = self.key_bias[i]
+            if bias is not None:
+                if src.key_bias[i] is None:
+                    raise ValueError("insert_rows: this cache has key biases, the source has none")
+                c = src.prompt_capacity[i]
+                bias[rows] = 0.0
+                bias[rows, :c] = src.key_bias[i][:, :c]
+            self._refresh_mask(i)
