@@ -13,7 +13,7 @@ two-stage, at one KV memory budget, on a mixed SynthVQA job (questions and capti
 as many requests as it holds rows of kv_cache.row_bytes (the longest prompt, max_new_tokens), the
 in-flight scheduler as many decode rows. Medians of --repeats runs (the four systems interleaved,
 so that a slow spell of a shared machine hits all); the in-flight runs' rows in flight per decode
-step go to the JSON (and a PNG with matplotlib).
+step go to the JSON and a PNG.
 
 Requests: --requests questions, --per-image of them about each generated image, prompts of
 different lengths. Both systems get the same token ids and pixels and generate exactly
@@ -264,25 +264,19 @@ def scheduler_markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_rows(result, path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+def plot_rows(result, path) -> str:
+    """Rows in flight per decode step against time (the first measured run of each in-flight
+    system), drawn with Pillow (vtprune.quality.plot: no plotting library needed)."""
+    from vtprune.quality.plot import line_chart
+
+    series = {}
     for name, runs in result["rows_in_flight"].items():
-        t, n = zip(*runs[0])
         rows = next(r["rows"] for r in result["rows"] if name.startswith(r["pruning"]))
-        ax.step(t, n, where="post", label=f"{name} (of {rows} rows)")
-    ax.set_xlabel("seconds into the job")
-    ax.set_ylabel("rows in flight")
-    ax.set_title(f"In-flight batching, same KV budget ({result['device_name']}, {result['date']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        series[f"{name} ({rows} rows)"] = [(t, n) for t, n in runs[0]]
+    line_chart(series, path, f"In-flight rows, one KV budget ({result['device_name']}, {result['date']})",
+               "seconds into the job", "rows in flight")
     print(f"wrote {path}")
+    return path
 
 
 def main(argv=None):

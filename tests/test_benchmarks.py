@@ -85,3 +85,5 @@ def test_bench_batch_schedulers_runs_every_system_at_one_budget(tmp_path):
         assert rows[p, "static"]["generated_tokens"] == rows[p, "inflight"]["generated_tokens"]
     assert max(n for _, n in result["rows_in_flight"]["two-stage inflight"][0]) <= rows["two-stage", "inflight"]["rows"]
     assert (tmp_path / "s.md").exists()
+    from PIL import Image
+    assert Image.open(tmp_path / "s.png").size == (900, 560)  # the rows-in-flight chart
