@@ -2,7 +2,7 @@
 compaction and the decode that reads the compacted caches must agree with."""
 import torch
 
-from vtprune.engine.generate import PreparedBatch
+from vtprune.engine.inputs import PreparedBatch
 from vtprune.engine.model import LlavaModel
 from vtprune.pruning.plan import PruningPlan
 

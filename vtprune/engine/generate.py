@@ -17,8 +17,7 @@ from .model import LlavaModel
 from .sampling import sample_next
 from .shared_prefix import plan_sharing, prefill_shared_prefix
 
-# PreparedBatch lives in inputs.py; it is re-exported here for pruning/plan.py (until the lead's rewrite)
-__all__ = ["PreparedBatch", "vision_features", "prefill", "decode_step", "DecodeGraph", "CompiledDecode",
+__all__ = ["vision_features", "prefill", "decode_step", "DecodeGraph", "CompiledDecode",
            "decode_tokens"]
 
 

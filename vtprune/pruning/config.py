@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from ..engine.weights import safetensors_header
 from ..errors import VtpruneError
 from ..files import read_yaml
 from ..validate import check_int, check_number, is_int, is_number, show, type_name, yaml_number
@@ -229,8 +230,6 @@ class PruningConfig:
 
     def check_weights_file(self, where: str = "pruning config") -> None:
         """The `weights` file exists, is a regular file and a safetensors file (its header is read)."""
-        from ..engine.weights import safetensors_header
-
         try:
             safetensors_header(self.weights, "pruning weights")
         except VtpruneError as e:

@@ -19,7 +19,7 @@ import torch
 
 from ..engine.config import LlavaModelConfig
 from ..engine.flops import prefill_flops
-from ..engine.generate import PreparedBatch
+from ..engine.inputs import PreparedBatch
 from ..engine.model import LlavaModel
 from ..engine.shared_prefix import plan_sharing, prefill_shared_prefix
 from ..errors import VtpruneError
@@ -29,6 +29,7 @@ from .modules import PruningModules, size_bias
 from .policies import get_policy
 from .policy import DropPoint, LayerInput, VisualInput, VisualTokens
 from .tokens import keep_indices, original_positions, question_mask
+from .weights import load_pruning_weights
 
 __all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "build_plan"]
 
@@ -294,7 +295,6 @@ def build_plan(cfg: PruningConfig, model: LlavaModel, device, dtype, seed: int =
         torch.manual_seed(seed)
         modules = PruningModules.for_model(cfg, mcfg)
         if cfg.weights:
-            from .weights import load_pruning_weights
             load_pruning_weights(modules, cfg.weights)
         else:
             warnings.warn("pruning: no 'weights' file in the config: the token merger and pruner heads are "

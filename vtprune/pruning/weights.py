@@ -6,6 +6,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from ..engine.weights import read_tensors
 from .modules import PruningModules
 
 
@@ -18,8 +19,6 @@ def save_pruning_weights(modules: PruningModules, path: str) -> None:
 def load_pruning_weights(modules: PruningModules, path: str) -> None:
     """Load the merger / pruner weights; names, shapes and dtypes are checked from the file's header
     before any tensor is read, and a mismatch with the config names the tensor."""
-    from ..engine.weights import read_tensors
-
     expected = modules.state_dict()
     loaded = read_tensors(path, "pruning weights", {k: tuple(v.shape) for k, v in expected.items()},
                           hint=" (do the config's merger_type / pruning_layers / pruner_d_internal match the file?)")

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.generate import PreparedBatch
-from ..engine.inputs import PromptEncoder, format_prompt, load_image
+from ..engine.inputs import PreparedBatch, PromptEncoder, format_prompt, load_image
 from ..engine.model import LlavaModel
 from ..engine.runtime import quiet_transformers
 from ..kernels import gumbel_topk
