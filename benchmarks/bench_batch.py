@@ -6,6 +6,8 @@ two-stage, at one KV memory budget, on a mixed SynthVQA job (questions and capti
     python benchmarks/bench_batch.py --tiny          # CPU smoke run
     python -m vtprune.quality.synthvqa --out /tmp/sv --seed 5 --train 0 --val 0 --test 40
     python benchmarks/bench_batch.py --schedulers --data /tmp/sv/test.jsonl    # embedded model, CPU
+    python benchmarks/bench_batch.py --synthetic     # GPU: 7B architecture, SynthVQA answer lengths
+    python benchmarks/bench_batch.py --synthetic --tiny --requests 12 --repeats 1   # CPU smoke run
 
 --schedulers: the embedded SynthVQA model (or --model), unpruned and with its two-stage config
 (--pruning), each answered by `run_job` with --scheduler static and inflight. The budget
@@ -279,10 +281,154 @@ def plot_rows(result, path) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------- --synthetic
+def synthvqa_answer_lengths(seed: int = 5, images: int = 40) -> list[int]:
+    """Generated tokens (answer + EOS) of every record of a fresh SynthVQA split, as the embedded
+    model's tokenizer counts them: the mix of one-word answers and ~25-token captions."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from vtprune.demo import default_model_dir
+    from vtprune.engine.runtime import quiet_transformers
+    from vtprune.quality.synthvqa import write_split
+
+    with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
+        data = write_split(tmp, "test", images, seed=seed, progress=False)
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+        return [len(tok(" " + json.loads(line)["answer"], add_special_tokens=False)["input_ids"]) + 1
+                for line in open(data)]
+
+
+def run_synthetic(engine, images, prompts, lengths, scheduler: str, rows: int, args) -> dict:
+    """One job: static batches of `rows` requests (each batch decodes until its longest answer,
+    as static batching does; EOS is disabled, so lengths are the requests' own caps) or the
+    in-flight scheduler with `rows` decode rows and one cap per request."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    if scheduler == "static":
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as batch jobs sort
+        for k in range(0, len(order), rows):
+            idx = order[k:k + rows]
+            engine.generate([images[i] for i in idx], [prompts[i] for i in idx],
+                            max_new_tokens=max(lengths[i] for i in idx))
+        steps = None
+    else:
+        from vtprune.engine import scheduler as sched_mod
+
+        made = []
+        init = sched_mod.InflightScheduler.__init__
+
+        def keep(self, *a, **kw):
+            init(self, *a, **kw)
+            made.append(self)
+        sched_mod.InflightScheduler.__init__ = keep
+        try:
+            engine.generate_inflight(images, prompts, max_new_tokens=list(lengths), prefill_batch=args.prefill_batch,
+                                     max_rows=rows, kv_budget_gb=args.kv_budget_gb)
+        finally:
+            sched_mod.InflightScheduler.__init__ = init
+        steps = len(made[0].rows_in_flight)
+    sync()
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "requests_per_s": len(prompts) / dt, "generated_tok_per_s": sum(lengths) / dt,
+            "decode_steps": steps}
+
+
+def bench_synthetic(args) -> dict:
+    """Static vs in-flight, unpruned vs the design's two-stage schedule (random heads), at one KV
+    budget, on the LLaVA-1.5-7B architecture with random weights (--tiny: the tiny one on CPU);
+    answer lengths drawn from the SynthVQA mix."""
+    import random
+    import statistics
+    import warnings
+
+    from vtprune.engine.kv_cache import row_bytes
+    from vtprune.engine.scheduler import rows_for_budget
+
+    from bench_e2e import pruning_config
+
+    if args.tiny:
+        from vtprune.tiny_model import tiny_llava_config
+        config, device, dtype = tiny_llava_config(), torch.device("cpu"), torch.float32
+    else:
+        from vtprune.model_configs import llava_1_5_7b_config
+        config = llava_1_5_7b_config()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random pruning heads: speed does not depend on their values
+        engine = LlavaEngine.from_config(config, device=device, dtype=dtype, seed=0)
+    engine.eos_token_ids = ()  # random weights: every request generates exactly its own length
+    mix = synthvqa_answer_lengths()
+    rng = random.Random(0)
+    n = args.requests or (512 if device.type == "cuda" else 24)
+    lengths = [rng.choice(mix) for _ in range(n)]
+    images = [demo_image(i // args.per_image) for i in range(n)]
+    from vtprune.engine.inputs import format_prompt
+    prompts = [format_prompt(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
+    configs = [("unpruned", None), ("two-stage", pruning_config("two_stage", engine.cfg, 0))]
+    longest = max(len(engine.prompts.encode(p)) for p in prompts)
+    per_row, rows = {}, {}
+    for name, cfg in configs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.set_pruning(cfg)
+        T = longest - engine.cfg.num_visual_tokens + engine.prompts.num_visual_tokens
+        per_row[name] = row_bytes(engine.plan, T, max(lengths), engine.cfg.text, engine.dtype, rounded=True)
+    if args.kv_budget_gb is None:
+        args.kv_budget_gb = args.budget_rows * per_row["unpruned"] / (1 << 30)
+    budget = int(args.kv_budget_gb * (1 << 30))
+    for name, _ in configs:
+        rows[name] = rows_for_budget(budget, per_row[name], args.max_rows)
+    systems = [(name, cfg, s) for name, cfg in configs for s in ("static", "inflight")]
+    runs: dict = {}
+    for rep in range(args.repeats + 1):  # the first round warms up (graphs, allocator)
+        for name, cfg, s in systems:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                engine.set_pruning(cfg)
+            k = 4 if rep == 0 else n
+            r = run_synthetic(engine, images[:k], prompts[:k], lengths[:k], s, rows[name], args)
+            if rep:
+                runs.setdefault((name, s), []).append(r)
+                print(f"  run {rep}/{args.repeats} {name:>9} {s:>8}: {r['requests_per_s']:7.2f} req/s "
+                      f"{r['generated_tok_per_s']:8.1f} tok/s ({r['seconds']:.1f} s)", flush=True)
+    table = [{"pruning": name, "scheduler": s, "rows": rows[name], "kv_row_bytes": per_row[name], "requests": n,
+              "generated_tokens": sum(lengths), "decode_steps": runs[name, s][0]["decode_steps"],
+              "seconds_median": statistics.median(r["seconds"] for r in runs[name, s]),
+              "requests_per_s_median": statistics.median(r["requests_per_s"] for r in runs[name, s]),
+              "generated_tok_per_s_median": statistics.median(r["generated_tok_per_s"] for r in runs[name, s]),
+              "runs": runs[name, s]} for name, _, s in systems]
+    by = {(r["pruning"], r["scheduler"]): r["generated_tok_per_s_median"] for r in table}
+    ratios = {"inflight/static unpruned, tok/s": by["unpruned", "inflight"] / by["unpruned", "static"],
+              "inflight/static two-stage, tok/s": by["two-stage", "inflight"] / by["two-stage", "static"],
+              "two-stage inflight / unpruned static, tok/s": by["two-stage", "inflight"] / by["unpruned", "static"]}
+    result = {"benchmark": "batch_schedulers_synthetic", "date": today(), "device_name": device_name(device),
+              "torch": torch.__version__, "config": "tiny" if args.tiny else "llava-1.5-7b", "dtype": str(dtype),
+              "requests": n, "answer_lengths": {"mean": sum(lengths) / n, "max": max(lengths)},
+              "prefill_batch": args.prefill_batch, "kv_budget_gb": args.kv_budget_gb, "repeats": args.repeats,
+              "rows": table, "ratios": ratios}
+    lines = [f"# Static vs in-flight batching, {result['config']} (random weights), {result['device_name']} "
+             f"({result['date']})", "", f"{n} requests, answer lengths from the SynthVQA mix (mean "
+             f"{sum(lengths) / n:.1f}, max {max(lengths)} tokens), KV budget {args.kv_budget_gb * 1024:.1f} MiB, "
+             f"medians of {args.repeats} runs.", "",
+             "| pruning | scheduler | rows | seconds | requests/s | generated tok/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['pruning']} | {r['scheduler']} | {r['rows']} | {r['seconds_median']:.2f} | "
+              f"{r['requests_per_s_median']:.2f} | {r['generated_tok_per_s_median']:.1f} |" for r in table]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    write_results(args.out, "batch_schedulers_synthetic", args.tag, result, "\n".join(lines) + "\n")
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--schedulers", action="store_true", help="static vs in-flight, unpruned vs two-stage (CPU)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="static vs in-flight on the 7B architecture with random weights (GPU; --tiny: CPU), "
+                        "answer lengths from the SynthVQA mix")
     p.add_argument("--data", default=None, help="--schedulers: a SynthVQA split's JSONL")
     p.add_argument("--model", default=None, help="--schedulers: model directory (default: the embedded one)")
     p.add_argument("--pruning", default=None, help="--schedulers: two-stage YAML (default: the embedded one)")
@@ -299,6 +445,8 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
+    if args.synthetic:
+        return bench_synthetic(args)
     if args.schedulers:
         if not args.data:
             p.error("--schedulers needs --data (a SynthVQA split: python -m vtprune.quality.synthvqa ...)")

@@ -15,7 +15,7 @@
 #   env 5 s | build (ops.cpp + compact.cu, one arch) ~90 s | GPU tests ~80 s (Triton JIT of ~20
 #   kernels at 1-3 s each, compile_check) | kernel benchmarks ~30 s | decode timings, 7B at B = 1, 64:
 #   vtprune, two-stage, transformers in one process ~90 s | torch.compile'd decode ~60-120 s per
-#   shape | the rest (full e2e table, batch job) with what is left.
+#   shape | the rest (full e2e table, batch job, static vs in-flight batching) with what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -61,11 +61,13 @@ if [ "$DRY" = 1 ]; then
   GPU_TESTS="tests/test_engine_cuda.py"
   COMPILE_BATCHES=1
   REST_SYSTEMS=fastv,vtprune-nograph  # the stage's path; each compile costs ~45 s of CPU
+  INFLIGHT="--requests 12 --repeats 1"
 else
   SIZE=""; BATCHES=1,64; NEW=32; REPEATS=3
   GPU_TESTS="tests/test_compaction.py tests/test_gumbel_topk.py tests/test_soft_merge.py tests/test_soft_merge_tiles.py \
 tests/test_engine_cuda.py"
   COMPILE_BATCHES=1,64
+  INFLIGHT="--requests 256 --repeats 2"  # 4 systems x 3 rounds of 256 SynthVQA-mix requests
   REST_SYSTEMS=two_stage-compile,fastv,pdrop,visionzip,random,vtprune-nograph
 fi
 
@@ -146,4 +148,6 @@ stage compile_check 120 30 kernel_check
 stage e2e_all 300 60 python benchmarks/bench_e2e.py $SIZE --out "$OUT" --tag e2e --floor-card h200 \
   --systems "$REST_SYSTEMS" --batch-sizes "$BATCHES" --new-tokens "$NEW" --repeats "$REPEATS"
 stage batch 120 30 python benchmarks/bench_batch.py $SIZE --out "$OUT" --tag batch
+# static vs in-flight batching, unpruned vs two-stage, at one KV budget (7B, random weights)
+stage batch_inflight 150 30 python benchmarks/bench_batch.py $SIZE --synthetic $INFLIGHT --out "$OUT" --tag batch_inflight
 echo "total $(($(date +%s) - START)) s; stages in $OUT/stages.tsv"

@@ -87,3 +87,25 @@ def test_bench_batch_schedulers_runs_every_system_at_one_budget(tmp_path):
     assert (tmp_path / "s.md").exists()
     from PIL import Image
     assert Image.open(tmp_path / "s.png").size == (900, 560)  # the rows-in-flight chart
+
+
+def test_bench_batch_synthetic_runs_every_system_at_one_budget(tmp_path):
+    """--synthetic (the GPU mode, here on the tiny architecture): static vs in-flight, unpruned vs
+    two-stage, answer lengths from the SynthVQA mix; the same requests and tokens for every system."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_batch.py"), "--synthetic", "--tiny",
+                        "--requests", "10", "--repeats", "1", "--budget-rows", "3", "--out", str(tmp_path),
+                        "--tag", "y"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(tmp_path / "y.json"))
+    rows = {(x["pruning"], x["scheduler"]): x for x in result["rows"]}
+    assert sorted(rows) == [("two-stage", "inflight"), ("two-stage", "static"), ("unpruned", "inflight"),
+                            ("unpruned", "static")]
+    assert rows["unpruned", "static"]["rows"] == 3 and rows["two-stage", "static"]["rows"] > 3
+    assert len({x["generated_tokens"] for x in rows.values()}) == 1 and result["requests"] == 10
+    assert 1 <= result["answer_lengths"]["mean"] < result["answer_lengths"]["max"]  # a mix of lengths
+    assert set(result["ratios"]) == {"inflight/static unpruned, tok/s", "inflight/static two-stage, tok/s",
+                                     "two-stage inflight / unpruned static, tok/s"}

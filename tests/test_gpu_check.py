@@ -11,7 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-STAGES = ["env", "build", "gpu_tests", "kernels", "decode", "audit", "compile", "compile_check", "e2e_all", "batch"]
+STAGES = ["env", "build", "gpu_tests", "kernels", "decode", "audit", "compile", "compile_check", "e2e_all", "batch",
+          "batch_inflight"]
 
 
 def test_7b_floors_match_perf_anchors():
@@ -56,6 +57,6 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     audit = json.load(open(tmp_path / "audit_decode.json"))
     assert all(r["syncs"] == [] and r["stable"] for r in audit["rows"] if r["system"].startswith("vtprune"))
     assert json.load(open(tmp_path / "compile_check.json"))["rows"][0]["problems"] == []
-    for name in ("kernels.json", "e2e.json", "batch.json", "build.log", "gpu_tests.log"):
+    for name in ("kernels.json", "e2e.json", "batch.json", "batch_inflight.json", "build.log", "gpu_tests.log"):
         assert (tmp_path / name).exists(), name
     assert "compiled ops loaded: True" in (tmp_path / "build.log").read_text()

@@ -208,3 +208,19 @@ def test_sampling_in_flight_is_reproducible_by_seed(small_engine):
     c = small_engine.generate_inflight(ims, prompts, seed=4, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b] != [r.token_ids for r in c]
     assert all(len(r.token_ids) == 6 for r in a)
+
+
+def test_per_request_caps_end_rows_at_their_own_length(small_engine, monkeypatch):
+    """generate_inflight with one max_new_tokens per prompt: each answer is the prefix of the
+    uncapped greedy answer at its own cap, and the rows freed early are refilled."""
+    monkeypatch.setattr(small_engine, "eos_token_ids", ())  # every row runs to its cap
+    ims, prompts = _engine_requests(7, seed=4)
+    caps = [1, 9, 2, 3, 9, 1, 5]
+    full = small_engine.generate(ims, prompts, max_new_tokens=9)
+    got = small_engine.generate_inflight(ims, prompts, max_new_tokens=caps, prefill_batch=2, max_rows=3)
+    assert [r.token_ids for r in got] == [f.token_ids[:c] for f, c in zip(full, caps)]
+    from vtprune import VtpruneError
+    with pytest.raises(VtpruneError, match="max_new_tokens: 2 values for 7 prompts"):
+        small_engine.generate_inflight(ims, prompts, max_new_tokens=[1, 2])
+    with pytest.raises(VtpruneError, match="max_new_tokens"):
+        small_engine.generate_inflight(ims, prompts, max_new_tokens=[1, 2, 3, 0, 1, 1, 1])

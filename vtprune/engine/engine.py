@@ -235,19 +235,29 @@ class LlavaEngine:
                                  seed, use_cuda_graph)
 
     @torch.inference_mode()
-    def generate_inflight(self, images, prompts, max_new_tokens: int = 64, **options) -> list[GenerationResult]:
+    def generate_inflight(self, images, prompts, max_new_tokens: int | Sequence[int] = 64,
+                          **options) -> list[GenerationResult]:
         """`generate` through the in-flight scheduler (options: those of `inflight`); one result
-        per prompt, in order. Greedy results equal `generate`'s, request for request."""
+        per prompt, in order. Greedy results equal `generate`'s, request for request.
+        `max_new_tokens` may be a list, one cap per prompt (a row leaves when it reaches its own)."""
         from .scheduler import Item
 
         prompts, images = check.check_prompts(prompts), check.check_images(images)
         counts = check_pairs(images, prompts)
+        caps = [None] * len(prompts)
+        if isinstance(max_new_tokens, (list, tuple)):
+            if len(max_new_tokens) != len(prompts):
+                raise VtpruneError(f"max_new_tokens: {len(max_new_tokens)} values for {len(prompts)} prompts "
+                                   f"(give one per prompt, or one number)")
+            caps = [check.check_max_new_tokens(n) for n in max_new_tokens]
+            max_new_tokens = max(caps)
         if self.plan is not None:
             self.plan.check_image_counts(counts)
             if not any(counts):
                 raise VtpruneError("generate_inflight: text-only prompts under a pruning plan: use generate")
         sched = self.inflight(max_new_tokens, **options)
-        items = [Item(i, im, p, len(self.prompts.encode(p))) for i, (im, p) in enumerate(zip(images, prompts))]
+        items = [Item(i, im, p, len(self.prompts.encode(p)), cap)
+                 for i, (im, p, cap) in enumerate(zip(images, prompts, caps))]
         out = {key: self._result(ids, sched.stops, stats) for key, ids, stats in sched.run(items)}
         return [out[i] for i in range(len(items))]
 

@@ -39,11 +39,13 @@ CUDA_KV_SHARE = 0.6
 
 @dataclass
 class Item:
-    """A request for the scheduler: `tokens` is its prompt length as encoded (PromptEncoder)."""
+    """A request for the scheduler: `tokens` is its prompt length as encoded (PromptEncoder);
+    `max_new_tokens` its own cap (None: the scheduler's; never above it)."""
     key: object
     image: object
     prompt: str
     tokens: int
+    max_new_tokens: int | None = None
 
 
 def _with_image(item: Item, image) -> bool:
@@ -226,10 +228,13 @@ class InflightScheduler:
         self.rows_in_flight.append((time.perf_counter(), len(busy)))
         return finished + self._retire()
 
+    def _cap(self, item: Item) -> int:
+        return self.max_new_tokens if item.max_new_tokens is None else min(item.max_new_tokens, self.max_new_tokens)
+
     def _retire(self) -> list[tuple[object, list[int], dict]]:
         e, busy, out = self.engine, self._busy, []
         for b in [b for b, row in busy.items()
-                  if e._stop_index(row.ids, self.stops) is not None or len(row.ids) >= self.max_new_tokens]:
+                  if e._stop_index(row.ids, self.stops) is not None or len(row.ids) >= self._cap(row.item)]:
             row = busy.pop(b)
             end = e._stop_index(row.ids, self.stops)
             row.stats.update(time_to_first_token_s=row.t_first - row.t0, decode_s=time.perf_counter() - row.t_first)
