@@ -31,8 +31,8 @@ LAYERS = [
 
 # Edges that still point up, each to be removed by the change named (emptying this list is the goal).
 ALLOWED_UPWARD = {
-    # lead: pruning rewrite. LlavaEngine.set_pruning builds a PruningPlan from a config; the fix is
-    # the policy interface handing the engine a plan (the import is local and says why).
+    # LlavaEngine.set_pruning builds a PruningPlan from a config (the import is local and says why:
+    # importing pruning loads the compiled ops). The fix: the engine takes a plan built outside it.
     ("vtprune.engine.engine", "vtprune.pruning"),
 }
 

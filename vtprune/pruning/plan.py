@@ -31,7 +31,7 @@ from .policy import DropPoint, LayerInput, VisualInput, VisualTokens
 from .tokens import keep_indices, original_positions, question_mask
 from .weights import load_pruning_weights
 
-__all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "build_plan"]
+__all__ = ["PruningPlan", "PrefillTrace", "DropPoint", "LayerState", "build_plan", "run_layers"]
 
 
 @dataclass
@@ -202,31 +202,37 @@ class PruningPlan:
                 trace.visual += [vis_count] * stop
                 trace.total += [lengths] * stop
                 start = stop
-        for layer in sorted(points) + [L]:
-            if start < layer:
-                x = model.decoder(x, positions, cache, layers=range(start, layer), probes=probes.hooks,
-                                  key_logmasks=None if bias is None else dict.fromkeys(range(start, layer), bias))
-            trace.visual += [vis_count] * max(0, layer - start)
-            trace.total += [lengths] * max(0, layer - start)
-            start = max(start, layer)
-            if layer == L:
-                break
-            keep = self._keep_mask(model, points[layer], x, is_visual, is_question, lengths, probes.scores.get(layer))
+        state = LayerState(x, positions, bias)
+
+        def drop(layer: int, st: LayerState) -> None:
+            """The policy's keep set before `layer`: the other tokens leave the hidden states, the
+            positions, the bias and (from this layer on) the KV caches."""
+            nonlocal index, is_visual, is_question, lengths, vis_count
+            keep = self._keep_mask(model, points[layer], st.x, is_visual, is_question, lengths,
+                                   probes.scores.get(layer))
             idx, new_len = keep_indices(keep)
-            x = gather_tokens(x, idx, new_len, validate=False)
-            positions = gather_tokens(positions, idx, new_len, validate=False)
+            st.x = gather_tokens(st.x, idx, new_len, validate=False)
+            st.positions = gather_tokens(st.positions, idx, new_len, validate=False)
             index = gather_tokens(index, idx, new_len, validate=False)
             is_visual = gather_tokens(is_visual, idx, new_len, validate=False)
             is_question = gather_tokens(is_question, idx, new_len, validate=False)
-            if bias is not None:
-                bias = gather_tokens(bias, idx, new_len, validate=False)
+            if st.key_logmask is not None:
+                st.key_logmask = gather_tokens(st.key_logmask, idx, new_len, validate=False)
             lengths, vis_count = new_len, is_visual.sum(1)
             probes.lengths = lengths
             trace.kept[layer] = (index, lengths)
             if cache is not None:
                 cache.set_lengths(lengths, layers=range(layer, L))
-                if bias is not None:
-                    cache.set_key_bias(bias, layers=[layer])
+                if st.key_logmask is not None:
+                    cache.set_key_bias(st.key_logmask, layers=[layer])
+
+        def count(layers: range, st: LayerState) -> None:
+            trace.visual.extend([vis_count] * len(layers))
+            trace.total.extend([lengths] * len(layers))
+
+        run_layers(model, state, dict.fromkeys(points, drop), start=start, cache=cache, probes=probes.hooks,
+                   after_segment=count)
+        x = state.x
         last = x[torch.arange(B, device=dev), lengths - 1]
         return model.decoder.logits(last), trace
 
@@ -272,6 +278,41 @@ class PruningPlan:
         totals = torch.stack(trace.total, 1).tolist()  # [B, L]
         pruned = [prefill_flops(mcfg, row, self.visual_in_sequence, extra) for row in totals]
         return pruned, full
+
+
+@dataclass
+class LayerState:
+    """What flows through the decoder between decisions: the residual stream and its RoPE
+    positions, the additive key log-mask every query adds for those keys ([B, T]: proportional
+    attention's log(size), training's 0/-inf keep masks; None: plain causal attention) and
+    training's value scales ([B, T] or None)."""
+    x: torch.Tensor
+    positions: torch.Tensor
+    key_logmask: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+
+
+def run_layers(model: LlavaModel, state: LayerState, decisions: dict, start: int = 0, cache=None, probes=None,
+               outputs=(), after_segment=None, checkpoint: bool = False) -> None:
+    """The per-layer loop of every pruned forward: the decoder's layers from `start` on, in
+    segments that share one key log-mask. Before each layer l in `decisions`, decisions[l](l,
+    state) changes the state: inference's drop mode gathers the kept tokens (PruningPlan.prefill),
+    training's mask mode sets new key log-masks and value scales (training/forward.py). After each
+    segment `after_segment(layers, state)`; a segment ends after every layer in `outputs` (the
+    hidden states the trainer's discriminator reads)."""
+    L = model.cfg.text.num_layers
+    bounds = sorted({*decisions, *(layer + 1 for layer in outputs), L} - set(range(start + 1)))
+    for stop in bounds:
+        if start in decisions:
+            decisions[start](start, state)
+        layers = range(start, stop)
+        state.x = model.decoder(state.x, state.positions, cache, layers=layers, probes=probes,
+                                key_logmasks=None if state.key_logmask is None else dict.fromkeys(layers, state.key_logmask),
+                                value_scales=None if state.value_scale is None else dict.fromkeys(layers, state.value_scale),
+                                checkpoint=checkpoint)
+        if after_segment is not None:
+            after_segment(layers, state)
+        start = stop
 
 
 class _Probes:

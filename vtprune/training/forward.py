@@ -28,7 +28,7 @@ from ..engine.runtime import quiet_transformers
 from ..kernels import gumbel_topk
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
-from ..pruning.plan import PruningPlan
+from ..pruning.plan import LayerState, PruningPlan, run_layers
 from ..pruning.tokens import pack, question_mask
 
 
@@ -159,7 +159,8 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     """The pruned model with soft decisions (see the module docstring). `seed` draws the Gumbel
     noise of every stage (stage s uses seed + s). Stage 0 (the merge, its RoPE positions and its
     proportional-attention bias) is the inference plan's own (PruningPlan.visual_tokens,
-    positions, key_bias); the layers then run with additive key log-masks instead of drops."""
+    positions, key_bias), and so is the per-layer loop (plan.run_layers) in its mask mode: the
+    decisions set additive key log-masks instead of dropping tokens."""
     seq = batch.pruned
     image_token = model.cfg.image_token_index
     B, T = seq.input_ids.shape
@@ -175,46 +176,46 @@ def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConf
     vis_pos = is_visual.nonzero()[:, 1].view(B, M)  # every row holds exactly M image tokens
     text = _text_mask(seq, image_token)
 
-    alive = torch.ones(B, M, device=dev)
     logmask = plan.key_bias(seq.input_ids, vt.sizes, x.dtype)  # + log(size) on merged tokens' keys, or None
     bias = None if logmask is None else logmask.gather(1, vis_pos)
     head_logits, candidates, kept, feats = {}, {}, {}, []
-    value_scale = None
     keeps = dict(zip(cfg.pruning_layers, cfg.layer_keep_tokens))
-    L = model.cfg.text.num_layers
-    # segments of layers that share one log-mask: a new one starts at each pruning layer, and
-    # the discriminator reads the hidden states after each of `layers`
-    bounds = sorted(({*keeps, *(l + 1 for l in layers), L}) - {0})
-    start = 0
-    for stop in bounds:
-        if start in keeps:
-            vis_h = x.gather(1, vis_pos[..., None].expand(-1, -1, x.shape[-1]))
-            q_h, q_valid = pack(x, prompt_q)
-            alive_b = alive > 0.5
-            logits = modules.pruners[str(start)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
-            k = min(keeps[start], M)
-            _, mask, _ = gumbel_topk(logits, k, tau=tau, noise=noise,
-                                     seed=None if seed is None else seed + 1 + len(head_logits), validate=False)
-            head_logits[start], candidates[start] = logits, alive_b
-            alive = alive * mask.float()
-            kept[start] = (alive > 0.5).sum(1)
-            if cfg.mask_gradient == "value":
-                # the keep masks' gradient through the kept tokens' values (PruningConfig says why)
-                vis_lm = _LogMask.apply(alive.detach())
-                value_scale = torch.ones(B, T, device=dev, dtype=alive.dtype).scatter(1, vis_pos, alive)
-            else:
-                vis_lm = _LogMask.apply(alive)
-            if bias is not None:
-                vis_lm = vis_lm + bias
-            logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
-        seg = range(start, stop)
-        x = model.decoder(x, positions, layers=seg,
-                          key_logmasks=None if logmask is None else dict.fromkeys(seg, logmask),
-                          value_scales=None if value_scale is None else dict.fromkeys(seg, value_scale),
-                          checkpoint=gradient_checkpointing)
-        if stop - 1 in layers:
-            feats.append(_pooled(x, text))
-        start = stop
+    alive = torch.ones(B, M, device=dev)
+
+    def mask(layer: int, st: LayerState) -> None:
+        """The head's soft keep decision before `layer`: from here on the dropped tokens' keys are
+        masked (additive -inf) instead of leaving the sequence."""
+        nonlocal alive
+        vis_h = st.x.gather(1, vis_pos[..., None].expand(-1, -1, st.x.shape[-1]))
+        q_h, q_valid = pack(st.x, prompt_q)
+        alive_b = alive > 0.5
+        logits = modules.pruners[str(layer)](vis_h, q_h, q_valid, alive_b).masked_fill(~alive_b, float("-inf"))
+        k = min(keeps[layer], M)
+        _, m, _ = gumbel_topk(logits, k, tau=tau, noise=noise,
+                              seed=None if seed is None else seed + 1 + len(head_logits), validate=False)
+        head_logits[layer], candidates[layer] = logits, alive_b
+        alive = alive * m.float()
+        kept[layer] = (alive > 0.5).sum(1)
+        if cfg.mask_gradient == "value":
+            # the keep masks' gradient through the kept tokens' values (PruningConfig says why)
+            vis_lm = _LogMask.apply(alive.detach())
+            st.value_scale = torch.ones(B, T, device=dev, dtype=alive.dtype).scatter(1, vis_pos, alive)
+        else:
+            vis_lm = _LogMask.apply(alive)
+        if bias is not None:
+            vis_lm = vis_lm + bias
+        st.key_logmask = torch.zeros(B, T, device=dev, dtype=vis_lm.dtype).scatter(1, vis_pos, vis_lm)
+
+    feature_at = set(layers)
+
+    def features(segment: range, st: LayerState) -> None:
+        if segment[-1] in feature_at:
+            feats.append(_pooled(st.x, text))
+
+    state = LayerState(x, positions, logmask)
+    run_layers(model, state, dict.fromkeys(keeps, mask), outputs=layers, after_segment=features,
+               checkpoint=gradient_checkpointing)
+    x = state.x
     r, c = answer_positions(seq)
     return StudentOutput(model.decoder.logits(x[r, c]), torch.stack(feats, 1), vt.logits, head_logits,
                          candidates, kept)
