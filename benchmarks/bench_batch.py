@@ -295,7 +295,7 @@ def synthvqa_answer_lengths(seed: int = 5, images: int = 40) -> list[int]:
 
     with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
         data = write_split(tmp, "test", images, seed=seed, progress=False)
-        tok = AutoTokenizer.from_pretrained(default_model_dir())
+        tok = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True, trust_remote_code=False)
         return [len(tok(" " + json.loads(line)["answer"], add_special_tokens=False)["input_ids"]) + 1
                 for line in open(data)]
 
