@@ -155,16 +155,18 @@ class StudentOutput:
 
 def student_forward(model: LlavaModel, modules: PruningModules, cfg: PruningConfig, batch: TrainBatch,
                     vision_feats: torch.Tensor, tau: float, seed: int | None, layers: list[int],
-                    noise: bool = True, gradient_checkpointing: bool = False) -> StudentOutput:
+                    noise: bool = True, gradient_checkpointing: bool = False,
+                    plan: PruningPlan | None = None) -> StudentOutput:
     """The pruned model with soft decisions (see the module docstring). `seed` draws the Gumbel
     noise of every stage (stage s uses seed + s). Stage 0 (the merge, its RoPE positions and its
     proportional-attention bias) is the inference plan's own (PruningPlan.visual_tokens,
     positions, key_bias), and so is the per-layer loop (plan.run_layers) in its mask mode: the
-    decisions set additive key log-masks instead of dropping tokens."""
+    decisions set additive key log-masks instead of dropping tokens. `plan`: the trainer's, built
+    once (None: built here)."""
     seq = batch.pruned
     image_token = model.cfg.image_token_index
     B, T = seq.input_ids.shape
-    plan = PruningPlan(cfg, model.cfg, modules)
+    plan = plan if plan is not None else PruningPlan(cfg, model.cfg, modules)
     prompt_q = question_mask(seq.input_ids, image_token, seq.prompt_lengths)
     prompts = PreparedBatch(seq.input_ids, seq.prompt_lengths, batch.pixel_values)  # the question ends the prompt
     vt = plan.visual_tokens(model, prompts, features=vision_feats, tau=tau, noise=noise, seed=seed)

@@ -33,6 +33,7 @@ from ..errors import CheckpointError, VtpruneError
 from ..files import check_output_dir
 from ..pruning.config import PruningConfig
 from ..pruning.modules import PruningModules
+from ..pruning.plan import PruningPlan
 from ..pruning.weights import load_pruning_weights, save_pruning_weights
 from ..validate import check_bool, check_choice, check_int, check_number, show
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
@@ -135,6 +136,7 @@ class Trainer:
         if self.cfg.weights:  # start from earlier weights
             load_pruning_weights(self.modules, self.cfg.weights)
         self.layers = feature_layers(self.cfg, mcfg.text.num_layers)
+        self.plan = PruningPlan(self.cfg, mcfg, self.modules)  # the student forward's stage 0 and layer loop
         self.discriminator = Discriminator(mcfg.text.hidden_size, len(self.layers))
         self.modules.to(self.device).train()
         self.discriminator.to(self.device).train()
@@ -213,7 +215,8 @@ class Trainer:
                                                                 batch.pixel_values))
                 t_logits, real = teacher_forward(self.model, batch, vis, self.layers)
             out = student_forward(self.model, self.modules, cfg, batch, vis, tau, _seed_for(s.seed, step, self.rank),
-                                  self.layers, noise=noise, gradient_checkpointing=s.gradient_checkpointing)
+                                  self.layers, noise=noise, gradient_checkpointing=s.gradient_checkpointing,
+                                  plan=self.plan)
             answers = batch.pruned.lengths - batch.pruned.prompt_lengths  # answer positions per row
             ce, kl = task_losses(out.logits, t_logits, batch.targets, answer_weights(answers, cfg.task_loss_average))
             d_fake = self.discriminator(out.features)
