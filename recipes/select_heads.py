@@ -39,14 +39,14 @@ def score(result, unpruned) -> float:
 
 
 def select(model: str, config: str, data: str, val: str, out: str, steps: int, every: int,
-           batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
+           batch_size: int = 8, seed: int = 0, progress: bool = True, adv_loss: str = "hinge") -> dict:
     check_int(steps, "--steps", 1)
     check_int(every, "--every", 1)
     if steps < every:
         raise VtpruneError(f"select_heads: need 1 <= --every <= --steps, got every={every}, steps={steps}")
     examples = load_records(val)
     tr = Trainer(TrainSettings(model=model, config=config, data=data, out=out, steps=steps, batch_size=batch_size,
-                               seed=seed, save_every=every, progress=progress))
+                               seed=seed, save_every=every, progress=progress, adv_loss=adv_loss))
     engine = LlavaEngine.from_pretrained(model, device=tr.device, dtype=tr.dtype)
     unpruned = evaluate(engine, examples, name="unpruned", progress=False)
     log_path = os.path.join(out, "selection.jsonl")
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=100, help="steps between evaluated checkpoints")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adv-loss", default="hinge", help="hinge or non_saturating (vtprune train's)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
         best = select(a.model, a.config, a.data, a.val, a.out, a.steps, a.every, a.batch_size, a.seed,
-                      not a.no_progress)
+                      not a.no_progress, a.adv_loss)
     except VtpruneError as e:
         print(f"select_heads: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -221,6 +221,10 @@ def test_default_yaml_loads_and_checks_against_the_7b_shape():
     (dict(selection_logit_scale=[3]), "'selection_logit_scale' must be a number >= 0"),
     (dict(mask_gradient="both"), "'mask_gradient' must be 'logit' or 'value'"),
     (dict(task_loss_average="sentence"), "'task_loss_average' must be 'token' or 'example'"),
+    (dict(lr_schedule="linear"), "'lr_schedule' must be 'constant' or 'cosine'"),
+    (dict(ema_decay=1.0), r"'ema_decay' must be in \[0, 1\)"),
+    (dict(ema_decay="0.9x"), r"'ema_decay' must be in \[0, 1\)"),
+    (dict(noise_off_fraction=1.5), r"'noise_off_fraction' must be in \[0, 1\]"),
 ])
 def test_bad_configs_name_the_key(cfg, match):
     with pytest.raises(VtpruneError, match=match):

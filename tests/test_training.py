@@ -136,17 +136,24 @@ def test_a_few_steps_lower_the_task_loss_and_leave_the_model_untouched(small_dir
     assert log[0]["tau"] == pytest.approx(0.1) and log[-1]["tau"] == pytest.approx(0.1)
 
 
-def _state(out):
+def _state(out, ema=False):
     from safetensors.torch import load_file
     ck = os.path.join(out, "checkpoint")
-    return {f: load_file(os.path.join(ck, f)) for f in ("pruning.safetensors", "discriminator.safetensors",
-                                                         "optimizers.safetensors")}
+    files = ["pruning.safetensors", "discriminator.safetensors", "optimizers.safetensors"] + (["ema.safetensors"] * ema)
+    state = {f: load_file(os.path.join(ck, f)) for f in files}
+    state["saved heads"] = load_file(os.path.join(out, "pruning.safetensors"))
+    return state
 
 
-def test_resumed_run_reaches_the_same_state(small_dir, tmp_path):
-    whole = _trainer(small_dir, tmp_path, steps=4, out="whole")
+STABLE = dict(lr_schedule="cosine", ema_decay=0.5, noise_off_fraction=0.5)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["plain", "cosine-ema-noise_off"])
+def test_resumed_run_reaches_the_same_state(small_dir, tmp_path, stable):
+    cfg = STABLE if stable else {}
+    whole = _trainer(small_dir, tmp_path, steps=4, out="whole", **cfg)
     whole.train()
-    part = _trainer(small_dir, tmp_path, steps=4, out="part")
+    part = _trainer(small_dir, tmp_path, steps=4, out="part", **cfg)
     part.train(stop_after=2)
     assert json.load(open(tmp_path / "part" / "checkpoint" / "state.json"))["step"] == 2
     with open(tmp_path / "part" / "log.jsonl", "a") as f:  # a step that ran but was not checkpointed
@@ -154,7 +161,7 @@ def test_resumed_run_reaches_the_same_state(small_dir, tmp_path):
     resumed = _trainer(small_dir, tmp_path, steps=4, out="part", resume=True)
     assert resumed.step == 2
     resumed.train()
-    a, b = _state(tmp_path / "whole"), _state(tmp_path / "part")
+    a, b = _state(tmp_path / "whole", ema=stable), _state(tmp_path / "part", ema=stable)
     for f in a:
         assert a[f].keys() == b[f].keys()
         for k in a[f]:
@@ -163,6 +170,28 @@ def test_resumed_run_reaches_the_same_state(small_dir, tmp_path):
     la = strip(json.loads(x) for x in open(tmp_path / "whole" / "log.jsonl"))
     lb = strip(json.loads(x) for x in open(tmp_path / "part" / "log.jsonl"))
     assert la == lb
+
+
+def test_stable_settings_end_at_inference_behaviour(small_dir, tmp_path):
+    """lr_schedule cosine, ema_decay, noise_off_fraction: the lr factor falls to 0 by the last
+    step, the last steps draw no Gumbel noise (their loss is the noise-free one), and the heads
+    saved for inference are the weight average, not the raw weights."""
+    from safetensors.torch import load_file
+    tr = _trainer(small_dir, tmp_path, steps=4, **STABLE)
+    assert [tr.noise_at(s) for s in range(4)] == [True, True, False, False]
+    g = float(tr.losses(3)["g_loss"])
+    assert g == float(tr.losses(3, noise=False)["g_loss"]) != float(tr.losses(3, noise=True)["g_loss"])
+    tr.train()
+    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["noise"] for r in log] == [True, True, False, False]
+    assert log[0]["lr_factor"] == 1.0 and log[-1]["lr_factor"] == pytest.approx(0.0, abs=1e-12)
+    saved = load_file(str(tmp_path / "run" / "pruning.safetensors"))
+    raw = load_file(str(tmp_path / "run" / "checkpoint" / "pruning.safetensors"))
+    ema = load_file(str(tmp_path / "run" / "checkpoint" / "ema.safetensors"))
+    assert saved.keys() == raw.keys() == ema.keys()
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)
+    assert "EMA" in open(tmp_path / "run" / "pruning.yaml").readline()
 
 
 def test_resume_refuses_a_different_run(small_dir, tmp_path):

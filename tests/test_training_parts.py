@@ -7,6 +7,8 @@ from conftest import make_image
 
 from vtprune import VtpruneError
 from vtprune.training import TrainingData, temperature_at
+from vtprune.training.ema import WeightAverage
+from vtprune.training.schedule import lr_factor_at
 
 
 def test_annealing_schedule_values():
@@ -20,6 +22,41 @@ def test_annealing_schedule_values():
     assert temperature_at(100, 100, 2.0, 0.5, anneal_rate=1.0) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         temperature_at(0, 10, temperature=0.1, temperature_min=1.0)
+
+
+def test_lr_schedules():
+    assert [lr_factor_at(s, 10, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert lr_factor_at(0, 11, "cosine") == pytest.approx(1.0)
+    assert lr_factor_at(5, 11, "cosine") == pytest.approx(0.5)
+    assert lr_factor_at(10, 11, "cosine") == pytest.approx(0.0, abs=1e-12)  # the last step takes no step
+    f = [lr_factor_at(s, 300, "cosine") for s in range(300)]
+    assert all(b < a for a, b in zip(f, f[1:]))
+    assert lr_factor_at(0, 1, "cosine") == pytest.approx(1.0)  # a one-step run still steps
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_factor_at(0, 10, "linear")
+
+
+def test_weight_average_follows_the_ema_recurrence():
+    import torch
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    ema = WeightAverage(m, 0.9)
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    for t in range(30):
+        with torch.no_grad():
+            m.weight.add_(torch.randn_like(m.weight))
+            m.bias.add_(1.0)
+        ema.update(m)
+        d = min(0.9, (1 + t) / (10 + t))
+        ref = {k: d * ref[k] + (1 - d) * v for k, v in m.state_dict().items()}
+    for k, v in ema.state().items():
+        torch.testing.assert_close(v, ref[k])
+    raw = {k: v.clone() for k, v in m.state_dict().items()}
+    with ema.swap_into(m):
+        torch.testing.assert_close(m.weight, ref["weight"])
+    assert torch.equal(m.weight, raw["weight"]) and torch.equal(m.bias, raw["bias"])  # restored
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(m, 1.0)
 
 
 def test_bad_records_are_reported_with_line_numbers_and_skipped(tmp_path):

@@ -116,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     t.add_argument("--dtype", default=None, help="frozen model dtype (default: bfloat16 on cuda, float32 on cpu)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--adv-loss", default="non_saturating", choices=["non_saturating", "hinge"])
+    t.add_argument("--adv-loss", default="hinge", choices=["hinge", "non_saturating"])
     t.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder layers in the backward pass (the 7B model on one GPU)")

@@ -61,6 +61,14 @@ class PruningConfig:
     task_loss_average: str = "token"       # answer tokens weighted per "token" or per "example"
     merge_sparsity_weight: float = 1e-4
     optimizers: dict = field(default_factory=_default_optimizers)
+    # Training's end state (the defaults leave training as it was): "cosine" takes every lr to 0
+    # by the last step (training/schedule.py: lr_factor_at); ema_decay > 0 saves an exponential
+    # moving average of the weights (training/ema.py); the last noise_off_fraction of the steps
+    # run without Gumbel noise, i.e. with inference's own hard top-k decisions in the forward
+    # (the straight-through masks still carry gradient). Why: README, *Measured quality*.
+    lr_schedule: str = "constant"
+    ema_decay: float = 0.0
+    noise_off_fraction: float = 0.0
     # safetensors file with the merger / pruner weights (relative to the YAML file); None: random
     weights: str | None = None
 
@@ -207,6 +215,9 @@ class PruningConfig:
                                    f"{show(self.temperature_min)}")
         number("temperature_anneal_rate", 0, 1, lo_open=True, want="in (0, 1]")
         choice("mask_gradient", ("logit", "value"))
+        choice("lr_schedule", ("constant", "cosine"))
+        number("ema_decay", 0, 1, hi_open=True, want="in [0, 1) (0: off)")
+        number("noise_off_fraction", 0, 1, want="in [0, 1]")
         choice("task_loss_average", ("token", "example"))
         for key in ("adv_loss_weight", "task_loss_weight", "merge_sparsity_weight"):
             number(key, 0, want="a number >= 0")

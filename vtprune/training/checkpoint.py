@@ -3,6 +3,7 @@
     OUT/checkpoint/pruning.safetensors        merger + pruner heads (the format LlavaEngine loads)
     OUT/checkpoint/discriminator.safetensors
     OUT/checkpoint/optimizers.safetensors     every optimizer state tensor, keyed <optimizer>.<param>.<name>
+    OUT/checkpoint/ema.safetensors            the weight average (training/ema.py), when the run keeps one
     OUT/checkpoint/state.json                 step, the optimizers' param_groups, the run's settings
 
 A checkpoint is written to OUT/checkpoint.tmp and renamed into place, so a run killed while
@@ -37,7 +38,8 @@ def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dic
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def save_checkpoint(out_dir: str, step: int, modules, discriminator, optimizers: dict, settings: dict) -> str:
+def save_checkpoint(out_dir: str, step: int, modules, discriminator, optimizers: dict, settings: dict,
+                    ema=None) -> str:
     final = os.path.join(out_dir, CHECKPOINT_DIR)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,8 +53,13 @@ def save_checkpoint(out_dir: str, step: int, modules, discriminator, optimizers:
         tensors.update(t)
         groups[name] = g
     save_file(tensors, os.path.join(tmp, "optimizers.safetensors"))
+    state = {"step": step, "optimizers": groups, "settings": settings}
+    if ema is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state().items()},
+                  os.path.join(tmp, "ema.safetensors"))
+        state["ema_updates"] = ema.updates
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-        json.dump({"step": step, "optimizers": groups, "settings": settings}, f, indent=1)
+        json.dump(state, f, indent=1)
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
@@ -94,13 +101,21 @@ def read_state(out_dir: str) -> dict | None:
     return state
 
 
-def load_checkpoint(out_dir: str, modules, discriminator, optimizers: dict) -> int:
-    """Restore modules, discriminator and optimizers in place; returns the step to continue from.
-    Every tensor's name and shape is checked against this run's modules before anything is loaded."""
+def load_checkpoint(out_dir: str, modules, discriminator, optimizers: dict, ema=None) -> int:
+    """Restore modules, discriminator, optimizers (and the weight average) in place; returns the
+    step to continue from. Every tensor's name and shape is checked against this run's modules
+    before anything is loaded."""
     ckpt = os.path.join(out_dir, CHECKPOINT_DIR)
     state = read_state(out_dir)
     if state is None:
         raise CheckpointError(f"no checkpoint to resume in {out_dir} (expected {ckpt}/state.json)")
+    ema_tensors = None
+    if ema is not None:
+        if not is_int(state.get("ema_updates")) or state["ema_updates"] < 0:
+            raise CheckpointError(f"checkpoint {ckpt}: 'ema_updates' must be an integer >= 0, got "
+                                  f"{show(state.get('ema_updates'))} (a checkpoint of a run without ema_decay?)")
+        ema_tensors = read_tensors(os.path.join(ckpt, "ema.safetensors"), "checkpoint weight average",
+                                   {k: tuple(v.shape) for k, v in ema.state().items()})
     load_pruning_weights(modules, os.path.join(ckpt, "pruning.safetensors"))
     d_state = read_tensors(os.path.join(ckpt, "discriminator.safetensors"), "checkpoint discriminator",
                            {k: tuple(v.shape) for k, v in discriminator.state_dict().items()})
@@ -140,4 +155,6 @@ def load_checkpoint(out_dir: str, modules, discriminator, optimizers: dict) -> i
     if extra:
         raise CheckpointError(f"checkpoint optimizer state {opt_path}: tensor '{extra[0]}' belongs to no "
                               f"optimizer of this run ({', '.join(optimizers)})")
+    if ema is not None:
+        ema.load(ema_tensors, state["ema_updates"])
     return int(state["step"])

@@ -42,7 +42,8 @@ from .discriminator import Discriminator
 from .forward import BatchBuilder, feature_layers, student_forward, teacher_forward
 from .losses import (ADV_LOSSES, answer_weights, discriminator_accuracy, discriminator_loss, generator_adv_loss,
                      sparsity_loss, task_losses)
-from .schedule import temperature_at
+from .ema import WeightAverage
+from .schedule import lr_factor_at, temperature_at
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainSettings:
     device: str | None = None         # default: cuda if available
     dtype: str | None = None          # frozen model's dtype (default: bfloat16 on cuda, float32 on cpu)
     seed: int = 0
-    adv_loss: str = "non_saturating"  # or "hinge"
+    adv_loss: str = "hinge"           # or "non_saturating" (README, *Measured quality*: why hinge)
     max_grad_norm: float = 1.0        # per optimizer; 0 = no clipping
     save_every: int = 200             # steps between checkpoints (and one at the end)
     gradient_checkpointing: bool = False
@@ -153,10 +154,12 @@ class Trainer:
         self.builder = BatchBuilder(tok, self.engine.image_processor, mcfg.image_token_index,
                                     mcfg.num_visual_tokens, min(self.cfg.target_merge_tokens, mcfg.num_visual_tokens),
                                     eos, self.engine.pad_token_id)
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
+        self.ema = WeightAverage(self.modules, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
         self.step = 0
         if resume:
             self._check_resumable(state)
-            self.step = load_checkpoint(s.out, self.modules, self.discriminator, self.optimizers)
+            self.step = load_checkpoint(s.out, self.modules, self.discriminator, self.optimizers, self.ema)
         os.makedirs(s.out, exist_ok=True)
         self.log_path = os.path.join(s.out, "log.jsonl")
 
@@ -201,10 +204,15 @@ class Trainer:
         return cache[1]
 
     # ------------------------------------------------------------------ one step
-    def losses(self, step: int, noise: bool = True, examples=None) -> dict:
+    def noise_at(self, step: int) -> bool:
+        """Whether `step` (0-based) draws Gumbel noise: all but the last noise_off_fraction of the steps."""
+        return step < round((1.0 - self.cfg.noise_off_fraction) * self.settings.steps)
+
+    def losses(self, step: int, noise: bool | None = None, examples=None) -> dict:
         """Forward both models on this step's (or the given) examples; returns the loss terms
-        (tensors) and what the log reports."""
+        (tensors) and what the log reports. noise None: the schedule's (noise_at)."""
         cfg, s = self.cfg, self.settings
+        noise = self.noise_at(step) if noise is None else noise
         batch = self.builder.build(examples if examples is not None else self.examples_for(step),
                                    self.device, self.dtype)
         tau = temperature_at(step, s.steps, cfg.temperature, cfg.temperature_min, cfg.temperature_anneal_rate)
@@ -231,6 +239,10 @@ class Trainer:
                 "kept": [M] + [float(out.kept[layer].float().mean()) for layer in cfg.pruning_layers]}
 
     def train_step(self, step: int) -> dict:
+        factor = lr_factor_at(step, self.settings.steps, self.cfg.lr_schedule)
+        for name, opt in self.optimizers.items():
+            for g, lr in zip(opt.param_groups, self.base_lrs[name]):
+                g["lr"] = lr * factor
         terms = self.losses(step)
         gen_opts = [self.optimizers["token_merger"], self.optimizers["layer_pruners"]]
         for opt in self.optimizers.values():
@@ -239,6 +251,8 @@ class Trainer:
         for opt in gen_opts:
             self._sync_and_clip(opt)
             opt.step()
+        if self.ema is not None:
+            self.ema.update(self.modules)
         # the discriminator learns from detached features; its gradients from the generator loss go
         d_opt = self.optimizers["discriminator"]
         d_opt.zero_grad(set_to_none=True)
@@ -249,7 +263,7 @@ class Trainer:
         d_loss.backward()
         self._sync_and_clip(d_opt)
         d_opt.step()
-        record = {"step": step + 1, "tau": terms["tau"]}
+        record = {"step": step + 1, "tau": terms["tau"], "lr_factor": factor, "noise": self.noise_at(step)}
         for k in ("g_loss", "adv", "ce", "kl", "sparsity"):
             record[k] = float(terms[k].detach())
         record["d_loss"] = float(d_loss.detach())
@@ -340,15 +354,20 @@ class Trainer:
         if self.rank == 0:
             s = self.settings
             save_checkpoint(s.out, self.step, self.modules, self.discriminator, self.optimizers,
-                            self._run_settings())
+                            self._run_settings(), self.ema)
             tmp = os.path.join(s.out, "pruning.safetensors.tmp")
-            save_pruning_weights(self.modules, tmp)
+            if self.ema is None:
+                save_pruning_weights(self.modules, tmp)
+            else:  # the heads inference gets are the average (training/ema.py says why)
+                with self.ema.swap_into(self.modules):
+                    save_pruning_weights(self.modules, tmp)
             os.replace(tmp, os.path.join(s.out, "pruning.safetensors"))
             import yaml
             cfg = self.cfg.to_dict()
             cfg["weights"] = "pruning.safetensors"
             with open(os.path.join(s.out, "pruning.yaml"), "w", encoding="utf-8") as f:
-                f.write(f"# trained by `vtprune train` to step {self.step} of {s.steps}\n")
+                f.write(f"# trained by `vtprune train` to step {self.step} of {s.steps}"
+                        f"{' (weights: the EMA, decay %g)' % self.cfg.ema_decay if self.ema else ''}\n")
                 yaml.safe_dump(cfg, f, sort_keys=False)
         if self.world > 1:
             import torch.distributed as dist
