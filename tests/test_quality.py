@@ -286,3 +286,52 @@ def test_select_heads_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
     assert yaml.safe_load(open(out / "best" / "pruning.yaml"))["weights"] == "pruning.safetensors"
     assert main(["--model", small_dir, "--config", cfg, "--data", data, "--val", data, "--out",
                  str(tmp_path / "bad"), "--steps", "1", "--every", "2"]) == 2
+
+
+def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tmp_path):
+    """recipes/quality_grid.py on the tiny model: every run's numbers on every split, the mean and
+    sd over seeds recomputed from the runs' own files, the shipped seed one of them, val watched
+    every --every steps; a rerun redoes only what is missing (a deleted result: its training is
+    resumed from the checkpoint, at the last step, so only its evaluation runs again)."""
+    import statistics
+
+    from test_training import _write_run
+    from quality_grid import main
+
+    cfg, data = _write_run(tmp_path, lr=1e-2, temperature=0.1, lr_schedule="cosine", ema_decay=0.5)
+    with open(data, "a") as f:
+        f.write(json.dumps({"image": "img0.png", "question": "Describe the image.", "answer": "a red box",
+                            "type": "caption"}) + "\n")
+    runs, stem = tmp_path / "runs", tmp_path / "res" / "grid"
+    argv = ["--model", small_dir, "--train", data, "--val", data, "--split", f"a={data}", "--split", f"b={data}",
+            "--config", f"201={cfg}", "--config", f"64={cfg}", "--config", f"32={cfg}", "--runs", str(runs),
+            "--out", str(stem), "--groups", "main", "--steps", "2", "--every", "1", "--seeds", "0", "1",
+            "--seeds-32", "0", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    res = json.load(open(f"{stem}.json"))
+    runs_of = {(r["name"], r["seed"]): r for r in res["runs"]}
+    assert set(runs_of) == {("two_stage_201", 0), ("two_stage_201", 1), ("two_stage_64", 0), ("two_stage_64", 1),
+                            ("two_stage_32", 0)}
+    assert [v["step"] for v in runs_of[("two_stage_201", 0)]["val"]] == [1, 2]
+    assert runs_of[("two_stage_64", 0)]["val"] == []  # val is watched on the 201-token runs only
+    unpruned = {s: json.load(open(runs / "reference" / s / "unpruned.json")) for s in "ab"}
+    agg = res["aggregate"]["two_stage_201"]
+    per_seed = [statistics.fmean(runs_of[("two_stage_201", k)]["splits"][s]["accuracy"] for s in "ab") for k in (0, 1)]
+    assert agg["over_splits"]["accuracy"][0] == pytest.approx(statistics.fmean(per_seed))
+    assert agg["over_splits"]["accuracy"][1] == pytest.approx(statistics.stdev(per_seed))
+    loss = [statistics.fmean(unpruned[s]["accuracy"] - runs_of[("two_stage_201", k)]["splits"][s]["accuracy"]
+                             for s in "ab") for k in (0, 1)]
+    assert agg["over_splits"]["accuracy_loss_points"][0] == pytest.approx(statistics.fmean(loss))
+    assert agg["closest_to_mean_seed"] in (0, 1)
+    assert res["aggregate"]["two_stage_32"]["over_splits"]["accuracy"][1] == 0.0  # one seed: sd 0
+    md = open(f"{stem}.md").read()
+    assert "| two_stage_64 | 2 |" in md and "| unpruned |" in md
+
+    done = {p: os.path.getmtime(p) for p in runs.glob("*/seed*/result.json")}
+    redo = runs / "two_stage_64" / "seed1" / "result.json"
+    before = json.load(open(redo))
+    os.remove(redo)
+    assert main(argv) == 0
+    after = json.load(open(redo))
+    assert after["splits"] == before["splits"]  # the same heads, evaluated again
+    assert all(os.path.getmtime(p) == t for p, t in done.items() if p != redo)
