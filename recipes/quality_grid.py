@@ -341,6 +341,11 @@ def main(argv=None) -> int:
     for item in a.config:
         if len(item) != 2 or item[0] not in ("201", "64", "32"):
             p.error(f"--config takes 201=PATH, 64=PATH or 32=PATH, got {'='.join(item)!r}")
+    for what, path in [("--train", a.train), ("--val", a.val)] + [(f"--split {n}", f) for n, f in a.split] \
+            + [(f"--config {b}", f) for b, f in a.config]:
+        if not os.path.isfile(path):  # before anything runs: else a missing split read as "budget not reachable"
+            print(f"quality_grid: error: {what}: no such file: {path}", file=sys.stderr)
+            return 2
     g = Grid(a)
     splits = [s for s, _ in a.split]
     ablation_splits = a.ablation_splits or splits

@@ -307,6 +307,8 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
             "--config", f"201={cfg}", "--config", f"64={cfg}", "--config", f"32={cfg}", "--runs", str(runs),
             "--out", str(stem), "--groups", "main", "--steps", "2", "--every", "1", "--seeds", "0", "1",
             "--seeds-32", "0", "--batch-size", "2", "--no-progress"]
+    missing = [a if a != f"b={data}" else f"b={tmp_path}/none.jsonl" for a in argv]
+    assert main(missing) == 2 and not runs.exists()  # a missing split: refused before anything runs
     assert main(argv) == 0
     res = json.load(open(f"{stem}.json"))
     runs_of = {(r["name"], r["seed"]): r for r in res["runs"]}
