@@ -34,21 +34,21 @@ from vtprune.errors import VtpruneError  # noqa: E402
 CONFIGS = {201: "configs/synthvqa_two_stage_201.yaml", 64: "configs/synthvqa_two_stage_64.yaml",
            32: "configs/synthvqa_two_stage_32.yaml"}
 # (name, budget, overrides of that budget's config, TrainSettings overrides, group). The
-# ablations switch one part of the design off (or, for the temperature, to the design's
-# annealing) against two_stage_201.
+# ablations switch one part of the design off against two_stage_201 (for the temperature: a
+# fixed 0.1 instead of the configs' annealing 1.0 -> 0.1).
 VARIANTS = [
     ("two_stage_201", 201, {}, {}, "main"),
     ("two_stage_64", 64, {}, {}, "main"),
     ("two_stage_32", 32, {}, {}, "main"),
     ("no_gan", 201, {"adv_loss_weight": 0.0}, {}, "ablations"),
     ("simple_merger", 201, {"merger_type": "simple"}, {}, "ablations"),
-    ("annealed_tau", 201, {"temperature": 1.0}, {}, "ablations"),  # 1.0 -> 0.1 over the first half
+    ("fixed_tau", 201, {"temperature": 0.1}, {}, "ablations"),
     ("no_proportional_attention", 201, {"proportional_attention": False}, {}, "ablations"),
     ("no_spatial_merge", 201, {"merge_locality": 0.0}, {}, "ablations"),
     ("old_recipe", 201, {"lr_schedule": "constant", "ema_decay": 0.0}, {"adv_loss": "non_saturating"}, "ablations"),
 ]
 ABLATION_OF = {"no_gan": "adversarial (GAN) loss", "simple_merger": "question-aware merger",
-               "annealed_tau": "fixed temperature 0.1 (vs annealing 1.0 -> 0.1)",
+               "fixed_tau": "temperature annealing 1.0 -> 0.1 (vs a fixed 0.1)",
                "no_proportional_attention": "proportional attention", "no_spatial_merge": "spatial merge (locality)",
                "old_recipe": "cosine lr + weight average (vs constant lr, raw weights)"}
 BASELINES = ["random", "divprune", "pdrop", "visionzip", "fastv", "dart"]
@@ -123,7 +123,7 @@ class Grid:
 
     # ------------------------------------------------------------------ one training run
     def run(self, name: str, budget: int, overrides: dict, train: dict, seed: int, splits: list[str],
-            val_every: int) -> dict:
+            val_every: int, steps: int) -> dict:
         from vtprune.training.checkpoint import read_state
         from vtprune.training.trainer import Trainer, TrainSettings
 
@@ -144,17 +144,17 @@ class Grid:
                 yaml.safe_dump(cfg, f, sort_keys=False)
         train_dir = os.path.join(rdir, "train")
         resume = os.path.isdir(train_dir) and read_state(train_dir) is not None
-        tr = Trainer(TrainSettings(model=a.model, config=cfg_path, data=a.train, out=train_dir, steps=a.steps,
-                                   batch_size=a.batch_size, seed=seed, save_every=val_every or a.steps,
+        tr = Trainer(TrainSettings(model=a.model, config=cfg_path, data=a.train, out=train_dir, steps=steps,
+                                   batch_size=a.batch_size, seed=seed, save_every=val_every or steps,
                                    progress=a.progress, **{"adv_loss": a.adv_loss, **train}), resume=resume)
-        log(f"{name} seed {seed}: training {'from step %d' % tr.step if resume else 'from scratch'} to {a.steps}")
+        log(f"{name} seed {seed}: training {'from step %d' % tr.step if resume else 'from scratch'} to {steps}")
         val_log = os.path.join(rdir, "val.jsonl")
         rows = [json.loads(x) for x in open(val_log, encoding="utf-8")] if os.path.exists(val_log) else []
         rows = [r for r in rows if r["step"] <= tr.step]
         t0 = time.perf_counter()
-        while tr.step < a.steps:
-            tr.train(stop_after=(val_every or a.steps) - tr.step % (val_every or a.steps))
-            if val_every and (tr.step % val_every == 0 or tr.step == a.steps):
+        while tr.step < steps:
+            tr.train(stop_after=(val_every or steps) - tr.step % (val_every or steps))
+            if val_every and (tr.step % val_every == 0 or tr.step == steps):
                 r = self.evaluate(os.path.join(train_dir, "pruning.yaml"), a.val, f"{name} seed {seed} val")
                 rows.append({"step": tr.step, "accuracy": r["accuracy"], "bleu": r["bleu"],
                              "accuracy_by_type": r["accuracy_by_type"]})
@@ -165,7 +165,7 @@ class Grid:
         tr.close()
         train_s = time.perf_counter() - t0
         result = {"name": name, "budget": budget, "overrides": overrides, "train_settings": train,
-                  "adv_loss": tr.settings.adv_loss, "seed": seed, "steps": a.steps,
+                  "adv_loss": tr.settings.adv_loss, "seed": seed, "steps": steps,
                   "train_seconds_this_session": train_s, "val": rows, "splits": {}}
         for split in splits:
             log(f"{name} seed {seed}: test split {split}")
@@ -205,7 +205,8 @@ def aggregate(results: list[dict], refs: dict, splits: list[str]) -> dict:
     for name in names:
         rs = [r for r in results if r["name"] == name]
         have = [s for s in splits if all(s in r["splits"] for r in rs)]
-        v = {"seeds": [r["seed"] for r in rs], "budget": rs[0]["budget"], "splits": {}, "over_splits": {}}
+        v = {"seeds": [r["seed"] for r in rs], "budget": rs[0]["budget"], "steps": sorted({r["steps"] for r in rs}),
+             "splits": {}, "over_splits": {}}
         for s in have:
             acc = [r["splits"][s]["accuracy"] for r in rs]
             bl = [r["splits"][s]["bleu"] for r in rs]
@@ -267,12 +268,12 @@ def fmt(ms, digits=1):
 
 def markdown(agg: dict, refs: dict, splits: list[str], meta: dict, abl: list[dict]) -> str:
     lines = [f"# SynthVQA quality grid ({meta['date']}, {meta['machine']})", "",
-             f"Heads: the last step of {meta['steps']} steps (no checkpoint picked), batch {meta['batch_size']}; "
+             f"Heads: each run's last step (the steps column; no checkpoint picked), batch {meta['batch_size']}; "
              f"mean ± sd over training seeds. Test splits: " +
              ", ".join(f"{s} ({refs[(s, 'unpruned')]['n_questions']} q + {refs[(s, 'unpruned')]['n_captions']} "
                        f"captions)" for s in splits if (s, "unpruned") in refs) + ".", ""]
     lines += ["## Per split: accuracy % / BLEU", "",
-              "| setting | seeds | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+              "| setting | seeds | steps | " + " | ".join(splits) + " |", "|---|---|---|" + "---|" * len(splits)]
     for s_name in ["unpruned"] + sorted({k[1] for k in refs if k[1] != "unpruned"},
                                         key=lambda x: (-int(x.split("@")[1]), x)):
         cells = []
@@ -280,13 +281,13 @@ def markdown(agg: dict, refs: dict, splits: list[str], meta: dict, abl: list[dic
             r = refs.get((s, s_name))
             cells.append("—" if r is None or "skipped" in r else f"{r['accuracy']:.1f} / {r['bleu']:.1f}")
         if any(c != "—" for c in cells):
-            lines.append(f"| {s_name} | — | " + " | ".join(cells) + " |")
+            lines.append(f"| {s_name} | — | — | " + " | ".join(cells) + " |")
     for name, v in agg.items():
         cells = []
         for s in splits:
             x = v["splits"].get(s)
             cells.append("—" if x is None else f"{fmt(x['accuracy'])} / {fmt(x['bleu'])}")
-        lines.append(f"| {name} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(v['seeds'])} | {', '.join(map(str, v['steps']))} | " + " | ".join(cells) + " |")
     lines += ["", "## Over splits (each seed's mean over the splits it was evaluated on; then mean ± sd over seeds)",
               "", "| setting | splits | accuracy % | BLEU | accuracy lost (points) | share of unpruned accuracy % | "
               "BLEU lost % | val: largest step-to-step move, last half (points) | shipped seed (closest to mean) |",
@@ -323,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--groups", nargs="+", default=["main", "ablations", "baselines"],
                    choices=["main", "ablations", "baselines"], help="what to run, in this order")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--budget-steps", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
+                   metavar="BUDGET=STEPS", help="another step count for the main runs of one budget (repeat)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--adv-loss", default="hinge", help="the adversarial loss's form (vtprune train --adv-loss)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the main runs")
@@ -341,6 +344,11 @@ def main(argv=None) -> int:
     for item in a.config:
         if len(item) != 2 or item[0] not in ("201", "64", "32"):
             p.error(f"--config takes 201=PATH, 64=PATH or 32=PATH, got {'='.join(item)!r}")
+    budget_steps = {}
+    for item in a.budget_steps:
+        if len(item) != 2 or item[0] not in ("201", "64", "32") or not item[1].isdigit() or int(item[1]) < 1:
+            p.error(f"--budget-steps takes 201=N, 64=N or 32=N with N >= 1, got {'='.join(item)!r}")
+        budget_steps[int(item[0])] = int(item[1])
     for what, path in [("--train", a.train), ("--val", a.val)] + [(f"--split {n}", f) for n, f in a.split] \
             + [(f"--config {b}", f) for b, f in a.config]:
         if not os.path.isfile(path):  # before anything runs: else a missing split read as "budget not reachable"
@@ -360,9 +368,10 @@ def main(argv=None) -> int:
             if name == "two_stage_32" and a.seeds_32 is not None:
                 seeds = a.seeds_32
             every = a.every if (name == "two_stage_201" or name == "old_recipe") else 0
+            steps = budget_steps.get(budget, a.steps) if group == "main" else a.steps
             for seed in seeds:
                 results.append(g.run(name, budget, overrides, train, seed,
-                                     splits if group == "main" else ablation_splits, every))
+                                     splits if group == "main" else ablation_splits, every, steps))
         if "baselines" in a.groups:
             for s in a.baseline_splits or splits:
                 for b in a.baseline_budgets:
@@ -398,7 +407,7 @@ def report(a, splits, ablation_splits) -> None:
                     refs[(s, f[:-5])] = r
     agg = aggregate(results, refs, splits)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "steps": a.steps, "batch_size": a.batch_size, "adv_loss": a.adv_loss, "splits": dict(a.split),
+            "steps": a.steps, "budget_steps": {b: int(n) for b, n in a.budget_steps}, "batch_size": a.batch_size, "adv_loss": a.adv_loss, "splits": dict(a.split),
             "ablation_splits": ablation_splits, "ablation_seeds": a.ablation_seeds}
     abl = ablations(results, ablation_splits, a.ablation_seeds)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -305,10 +305,14 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
     runs, stem = tmp_path / "runs", tmp_path / "res" / "grid"
     argv = ["--model", small_dir, "--train", data, "--val", data, "--split", f"a={data}", "--split", f"b={data}",
             "--config", f"201={cfg}", "--config", f"64={cfg}", "--config", f"32={cfg}", "--runs", str(runs),
-            "--out", str(stem), "--groups", "main", "--steps", "2", "--every", "1", "--seeds", "0", "1",
-            "--seeds-32", "0", "--batch-size", "2", "--no-progress"]
+            "--out", str(stem), "--groups", "main", "--steps", "2", "--budget-steps", "64=3", "--every", "1",
+            "--seeds", "0", "1", "--seeds-32", "0", "--batch-size", "2", "--no-progress"]
     missing = [a if a != f"b={data}" else f"b={tmp_path}/none.jsonl" for a in argv]
     assert main(missing) == 2 and not runs.exists()  # a missing split: refused before anything runs
+    for bad in ("64", "65=3", "64=0", "64=x"):  # --budget-steps names a budget of the grid and a count >= 1
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--budget-steps", bad])
+        assert e.value.code == 2 and not runs.exists()
     assert main(argv) == 0
     res = json.load(open(f"{stem}.json"))
     runs_of = {(r["name"], r["seed"]): r for r in res["runs"]}
@@ -316,6 +320,10 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
                             ("two_stage_32", 0)}
     assert [v["step"] for v in runs_of[("two_stage_201", 0)]["val"]] == [1, 2]
     assert runs_of[("two_stage_64", 0)]["val"] == []  # val is watched on the 201-token runs only
+    # --budget-steps 64=3: the 64-token runs train 3 steps (their checkpoint says so), the others --steps
+    assert {n: runs_of[(n, 0)]["steps"] for n in ("two_stage_201", "two_stage_64", "two_stage_32")} == \
+        {"two_stage_201": 2, "two_stage_64": 3, "two_stage_32": 2}
+    assert "step 3 of 3" in open(runs / "two_stage_64" / "seed0" / "train" / "pruning.yaml").read()
     unpruned = {s: json.load(open(runs / "reference" / s / "unpruned.json")) for s in "ab"}
     agg = res["aggregate"]["two_stage_201"]
     per_seed = [statistics.fmean(runs_of[("two_stage_201", k)]["splits"][s]["accuracy"] for s in "ab") for k in (0, 1)]
@@ -327,7 +335,7 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
     assert agg["closest_to_mean_seed"] in (0, 1)
     assert res["aggregate"]["two_stage_32"]["over_splits"]["accuracy"][1] == 0.0  # one seed: sd 0
     md = open(f"{stem}.md").read()
-    assert "| two_stage_64 | 2 |" in md and "| unpruned |" in md
+    assert "| two_stage_64 | 2 | 3 |" in md and "| two_stage_201 | 2 | 2 |" in md and "| unpruned |" in md
 
     done = {p: os.path.getmtime(p) for p in runs.glob("*/seed*/result.json")}
     redo = runs / "two_stage_64" / "seed1" / "result.json"
