@@ -12,24 +12,30 @@ training continues from its last checkpoint (Trainer --resume); an interrupted e
 redone. Writes STEM.json (every run's numbers and the aggregates) and STEM.md (the tables);
 rerunning with the same arguments after everything is done only rewrites those two.
 
-Nothing here picks a checkpoint: each run's heads are its last step's (the configs' cosine lr
-and weight average make that the stable choice: README, *Measured quality*). The validation
-split is only watched (RUN/val.jsonl every --every steps, for the stability numbers).
+Two sets of heads per main run, both reported: the last step's (`two_stage_<budget>`), and the
+checkpoint that scored best on the validation split (`two_stage_<budget>_val_selected`: of the
+checkpoints every --every steps, the best accuracy/unpruned + BLEU/unpruned on val, the score of
+recipes/select_heads.py; RUN/best/). Val is the only thing looked at to choose; the test splits
+only report. Validation rows (RUN/val.jsonl) also give the stability numbers.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 import yaml  # noqa: E402
 
 from vtprune.errors import VtpruneError  # noqa: E402
+
+from select_heads import score  # noqa: E402  (recipes/ is this script's directory)
 
 CONFIGS = {201: "configs/synthvqa_two_stage_201.yaml", 64: "configs/synthvqa_two_stage_64.yaml",
            32: "configs/synthvqa_two_stage_32.yaml"}
@@ -121,6 +127,15 @@ class Grid:
         write_json(path, out)
         return out
 
+    def val_score(self, r: dict) -> float:
+        """select_heads.score against unpruned on the val split (RUNS/reference/val/unpruned.json)."""
+        path = os.path.join(self.a.runs, "reference", "val", "unpruned.json")
+        if not os.path.exists(path):
+            log("reference unpruned on val")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_json(path, self.evaluate(None, self.a.val, "unpruned val"))
+        return score(SimpleNamespace(**r), SimpleNamespace(**read_json(path)))
+
     # ------------------------------------------------------------------ one training run
     def run(self, name: str, budget: int, overrides: dict, train: dict, seed: int, splits: list[str],
             val_every: int, steps: int) -> dict:
@@ -149,19 +164,46 @@ class Grid:
                                    progress=a.progress, **{"adv_loss": a.adv_loss, **train}), resume=resume)
         log(f"{name} seed {seed}: training {'from step %d' % tr.step if resume else 'from scratch'} to {steps}")
         val_log = os.path.join(rdir, "val.jsonl")
+        best_dir = os.path.join(rdir, "best")
         rows = [json.loads(x) for x in open(val_log, encoding="utf-8")] if os.path.exists(val_log) else []
         rows = [r for r in rows if r["step"] <= tr.step]
+
+        def watch() -> None:
+            """Val at this checkpoint; RUN/best/ holds the best-scoring one so far (copied before the
+            row is logged: a run killed in between re-evaluates this checkpoint on resume)."""
+            r = self.evaluate(os.path.join(train_dir, "pruning.yaml"), a.val, f"{name} seed {seed} val")
+            row = {"step": tr.step, "accuracy": r["accuracy"], "bleu": r["bleu"], "score": self.val_score(r),
+                   "accuracy_by_type": r["accuracy_by_type"]}
+            if not rows or row["score"] > max(x["score"] for x in rows):
+                tmp = best_dir + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                shutil.copy(os.path.join(train_dir, "pruning.safetensors"), tmp)
+                with open(os.path.join(train_dir, "pruning.yaml"), encoding="utf-8") as f:
+                    body = f.read()
+                with open(os.path.join(tmp, "pruning.yaml"), "w", encoding="utf-8") as f:
+                    f.write(f"# chosen on the val split ({a.val}): step {tr.step} of {steps}, score "
+                            f"{row['score']:.4f} (accuracy {r['accuracy']:.2f}, BLEU {r['bleu']:.2f}); see ../val.jsonl\n"
+                            + body)
+                shutil.rmtree(best_dir, ignore_errors=True)
+                os.replace(tmp, best_dir)
+            rows.append(row)
+            with open(val_log + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(x) + "\n" for x in rows)
+            os.replace(val_log + ".tmp", val_log)
+            log(f"{name} seed {seed} step {tr.step}: val accuracy {r['accuracy']:.1f}, BLEU {r['bleu']:.1f}")
+
+        def due() -> bool:
+            return bool(val_every) and tr.step > 0 and (tr.step % val_every == 0 or tr.step == steps) \
+                and (not rows or rows[-1]["step"] < tr.step)
+
         t0 = time.perf_counter()
+        if due():  # resumed at a checkpoint whose val row was not written
+            watch()
         while tr.step < steps:
             tr.train(stop_after=(val_every or steps) - tr.step % (val_every or steps))
-            if val_every and (tr.step % val_every == 0 or tr.step == steps):
-                r = self.evaluate(os.path.join(train_dir, "pruning.yaml"), a.val, f"{name} seed {seed} val")
-                rows.append({"step": tr.step, "accuracy": r["accuracy"], "bleu": r["bleu"],
-                             "accuracy_by_type": r["accuracy_by_type"]})
-                with open(val_log + ".tmp", "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(x) + "\n" for x in rows)
-                os.replace(val_log + ".tmp", val_log)
-                log(f"{name} seed {seed} step {tr.step}: val accuracy {r['accuracy']:.1f}, BLEU {r['bleu']:.1f}")
+            if due():
+                watch()
         tr.close()
         train_s = time.perf_counter() - t0
         result = {"name": name, "budget": budget, "overrides": overrides, "train_settings": train,
@@ -171,6 +213,17 @@ class Grid:
             log(f"{name} seed {seed}: test split {split}")
             result["splits"][split] = self.evaluate(os.path.join(train_dir, "pruning.yaml"), self.splits[split],
                                                     f"{name} seed {seed} {split}")
+        if rows and "score" in rows[0]:
+            best = max(rows, key=lambda x: x["score"])  # the first of equal scores, as watch() kept it
+            sel = {"step": best["step"], "val_accuracy": best["accuracy"], "val_bleu": best["bleu"], "splits": {}}
+            for split in splits:
+                if best["step"] == steps:  # the last step's heads: evaluated above
+                    sel["splits"][split] = result["splits"][split]
+                else:
+                    log(f"{name} seed {seed}: val-selected heads (step {best['step']}), test split {split}")
+                    sel["splits"][split] = self.evaluate(os.path.join(best_dir, "pruning.yaml"), self.splits[split],
+                                                         f"{name} seed {seed} step {best['step']} {split}")
+            result["val_selected"] = sel
         write_json(done, result)
         return result
 
@@ -207,6 +260,8 @@ def aggregate(results: list[dict], refs: dict, splits: list[str]) -> dict:
         have = [s for s in splits if all(s in r["splits"] for r in rs)]
         v = {"seeds": [r["seed"] for r in rs], "budget": rs[0]["budget"], "steps": sorted({r["steps"] for r in rs}),
              "splits": {}, "over_splits": {}}
+        if "selected_step" in rs[0]:
+            v["selected_steps"] = [r["selected_step"] for r in rs]
         for s in have:
             acc = [r["splits"][s]["accuracy"] for r in rs]
             bl = [r["splits"][s]["bleu"] for r in rs]
@@ -287,7 +342,10 @@ def markdown(agg: dict, refs: dict, splits: list[str], meta: dict, abl: list[dic
         for s in splits:
             x = v["splits"].get(s)
             cells.append("—" if x is None else f"{fmt(x['accuracy'])} / {fmt(x['bleu'])}")
-        lines.append(f"| {name} | {len(v['seeds'])} | {', '.join(map(str, v['steps']))} | " + " | ".join(cells) + " |")
+        steps = ", ".join(map(str, v["steps"]))
+        if "selected_steps" in v:
+            steps += f" (chosen: {', '.join(map(str, v['selected_steps']))})"
+        lines.append(f"| {name} | {len(v['seeds'])} | {steps} | " + " | ".join(cells) + " |")
     lines += ["", "## Over splits (each seed's mean over the splits it was evaluated on; then mean ± sd over seeds)",
               "", "| setting | splits | accuracy % | BLEU | accuracy lost (points) | share of unpruned accuracy % | "
               "BLEU lost % | val: largest step-to-step move, last half (points) | shipped seed (closest to mean) |",
@@ -332,8 +390,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds-32", type=int, nargs="+", default=None, help="default: --seeds")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ablation-splits", nargs="+", default=None, help="default: every split")
-    p.add_argument("--every", type=int, default=50, help="val evaluation interval of the 201-token main runs "
-                                                         "and of old_recipe (0: none)")
+    p.add_argument("--every", type=int, default=50, help="val evaluation interval of the main runs (their "
+                                                         "val-selected heads) and of old_recipe (0: none)")
     p.add_argument("--baseline-budgets", type=int, nargs="+", default=[201, 64, 32])
     p.add_argument("--baseline-splits", nargs="+", default=None, help="default: every split")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -344,6 +402,12 @@ def main(argv=None) -> int:
     for item in a.config:
         if len(item) != 2 or item[0] not in ("201", "64", "32"):
             p.error(f"--config takes 201=PATH, 64=PATH or 32=PATH, got {'='.join(item)!r}")
+    names = [n for n, _ in a.split]
+    if len(set(names)) != len(names):
+        p.error(f"--split: each NAME once, got {', '.join(names)}")
+    for flag, value, lo in [("--steps", a.steps, 1), ("--batch-size", a.batch_size, 1), ("--every", a.every, 0)]:
+        if value < lo:
+            p.error(f"{flag} must be >= {lo}, got {value}")
     budget_steps = {}
     for item in a.budget_steps:
         if len(item) != 2 or item[0] not in ("201", "64", "32") or not item[1].isdigit() or int(item[1]) < 1:
@@ -367,7 +431,7 @@ def main(argv=None) -> int:
             seeds = a.seeds if group == "main" else a.ablation_seeds
             if name == "two_stage_32" and a.seeds_32 is not None:
                 seeds = a.seeds_32
-            every = a.every if (name == "two_stage_201" or name == "old_recipe") else 0
+            every = a.every if (group == "main" or name == "old_recipe") else 0
             steps = budget_steps.get(budget, a.steps) if group == "main" else a.steps
             for seed in seeds:
                 results.append(g.run(name, budget, overrides, train, seed,
@@ -396,6 +460,13 @@ def report(a, splits, ablation_splits) -> None:
                 f = os.path.join(d, seed_dir, "result.json")
                 if os.path.exists(f):
                     results.append(read_json(f))
+    # each main run's val-selected heads as a setting of its own, after the last-step one
+    settings = []
+    for name in dict.fromkeys(r["name"] for r in results):
+        rs = [r for r in results if r["name"] == name]
+        settings += rs
+        settings += [{**r, "name": name + "_val_selected", "splits": r["val_selected"]["splits"], "val": [],
+                      "selected_step": r["val_selected"]["step"]} for r in rs if "val_selected" in r]
     refs = {}
     ref_dir = os.path.join(a.runs, "reference")
     for s in splits:
@@ -405,7 +476,7 @@ def report(a, splits, ablation_splits) -> None:
                 r = read_json(os.path.join(d, f))
                 if "skipped" not in r:
                     refs[(s, f[:-5])] = r
-    agg = aggregate(results, refs, splits)
+    agg = aggregate(settings, refs, splits)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "steps": a.steps, "budget_steps": {b: int(n) for b, n in a.budget_steps}, "batch_size": a.batch_size, "adv_loss": a.adv_loss, "splits": dict(a.split),
             "ablation_splits": ablation_splits, "ablation_seeds": a.ablation_seeds}

@@ -309,17 +309,34 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
             "--seeds", "0", "1", "--seeds-32", "0", "--batch-size", "2", "--no-progress"]
     missing = [a if a != f"b={data}" else f"b={tmp_path}/none.jsonl" for a in argv]
     assert main(missing) == 2 and not runs.exists()  # a missing split: refused before anything runs
-    for bad in ("64", "65=3", "64=0", "64=x"):  # --budget-steps names a budget of the grid and a count >= 1
+    bad_args = [["--budget-steps", x] for x in ("64", "65=3", "64=0", "64=x")]  # a budget of the grid, a count >= 1
+    bad_args += [["--split", f"a={data}"], ["--steps", "0"], ["--batch-size", "0"], ["--every", "-1"]]
+    for bad in bad_args:
         with pytest.raises(SystemExit) as e:
-            main(argv + ["--budget-steps", bad])
-        assert e.value.code == 2 and not runs.exists()
+            main(argv + bad)
+        assert e.value.code == 2 and not runs.exists(), bad
     assert main(argv) == 0
     res = json.load(open(f"{stem}.json"))
     runs_of = {(r["name"], r["seed"]): r for r in res["runs"]}
     assert set(runs_of) == {("two_stage_201", 0), ("two_stage_201", 1), ("two_stage_64", 0), ("two_stage_64", 1),
                             ("two_stage_32", 0)}
     assert [v["step"] for v in runs_of[("two_stage_201", 0)]["val"]] == [1, 2]
-    assert runs_of[("two_stage_64", 0)]["val"] == []  # val is watched on the 201-token runs only
+    assert [v["step"] for v in runs_of[("two_stage_64", 0)]["val"]] == [1, 2, 3]  # every main run watches val
+    # the val-selected heads: the checkpoint with the best val score (the first of equal ones),
+    # kept in RUN/best/ and evaluated on every split; a setting of its own in the aggregate
+    for (name, seed), r in runs_of.items():
+        best = max(r["val"], key=lambda x: x["score"])
+        assert r["val_selected"]["step"] == best["step"] and r["val_selected"]["val_accuracy"] == best["accuracy"]
+        header = open(runs / name / f"seed{seed}" / "best" / "pruning.yaml").readline()
+        assert header.startswith("# chosen on the val split") and f"step {best['step']} of " in header
+        assert set(r["val_selected"]["splits"]) == {"a", "b"}
+    assert res["aggregate"]["two_stage_201_val_selected"]["selected_steps"] == \
+        [runs_of[("two_stage_201", k)]["val_selected"]["step"] for k in (0, 1)]
+    from vtprune import LlavaEngine
+    from vtprune.quality.evaluate import evaluate, load_records
+    eng = LlavaEngine.from_pretrained(small_dir, pruning=str(runs / "two_stage_64" / "seed0" / "best" / "pruning.yaml"))
+    assert evaluate(eng, load_records(data), progress=False).accuracy == \
+        runs_of[("two_stage_64", 0)]["val_selected"]["splits"]["a"]["accuracy"]
     # --budget-steps 64=3: the 64-token runs train 3 steps (their checkpoint says so), the others --steps
     assert {n: runs_of[(n, 0)]["steps"] for n in ("two_stage_201", "two_stage_64", "two_stage_32")} == \
         {"two_stage_201": 2, "two_stage_64": 3, "two_stage_32": 2}
@@ -336,6 +353,7 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
     assert res["aggregate"]["two_stage_32"]["over_splits"]["accuracy"][1] == 0.0  # one seed: sd 0
     md = open(f"{stem}.md").read()
     assert "| two_stage_64 | 2 | 3 |" in md and "| two_stage_201 | 2 | 2 |" in md and "| unpruned |" in md
+    assert "| two_stage_201_val_selected | 2 | 2 (chosen: " in md
 
     done = {p: os.path.getmtime(p) for p in runs.glob("*/seed*/result.json")}
     redo = runs / "two_stage_64" / "seed1" / "result.json"
