@@ -182,8 +182,8 @@ class Grid:
                 with open(os.path.join(train_dir, "pruning.yaml"), encoding="utf-8") as f:
                     body = f.read()
                 with open(os.path.join(tmp, "pruning.yaml"), "w", encoding="utf-8") as f:
-                    f.write(f"# chosen on the val split ({a.val}): step {tr.step} of {steps}, score "
-                            f"{row['score']:.4f} (accuracy {r['accuracy']:.2f}, BLEU {r['bleu']:.2f}); see ../val.jsonl\n"
+                    f.write(f"# chosen on the val split ({os.path.basename(a.val)}): step {tr.step} of {steps}, score "
+                            f"{row['score']:.4f} (accuracy {r['accuracy']:.2f}, BLEU {r['bleu']:.2f}; the run's val.jsonl)\n"
                             + body)
                 shutil.rmtree(best_dir, ignore_errors=True)
                 os.replace(tmp, best_dir)

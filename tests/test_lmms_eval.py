@@ -271,7 +271,7 @@ def _entry_point_dir(tmp) -> str:
     return os.path.dirname(d)
 
 
-N_RECORDS = 40  # SynthVQA test records 0-39 (seed 3): one left/right error with pruning_64
+N_RECORDS = 40  # SynthVQA test records 0-39 (seed 3): three errors (count, shape) with pruning_64 of 2026-12-07
 PRUNING = os.path.join(ASSET, "pruning_64.yaml")
 
 
