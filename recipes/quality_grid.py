@@ -174,7 +174,7 @@ class Grid:
             r = self.evaluate(os.path.join(train_dir, "pruning.yaml"), a.val, f"{name} seed {seed} val")
             row = {"step": tr.step, "accuracy": r["accuracy"], "bleu": r["bleu"], "score": self.val_score(r),
                    "accuracy_by_type": r["accuracy_by_type"]}
-            if not rows or row["score"] > max(x["score"] for x in rows):
+            if row["score"] > max((x.get("score", float("-inf")) for x in rows), default=float("-inf")):
                 tmp = best_dir + ".tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
@@ -213,7 +213,7 @@ class Grid:
             log(f"{name} seed {seed}: test split {split}")
             result["splits"][split] = self.evaluate(os.path.join(train_dir, "pruning.yaml"), self.splits[split],
                                                     f"{name} seed {seed} {split}")
-        if rows and "score" in rows[0]:
+        if rows and all("score" in x for x in rows):  # (rows of an older grid have no score)
             best = max(rows, key=lambda x: x["score"])  # the first of equal scores, as watch() kept it
             sel = {"step": best["step"], "val_accuracy": best["accuracy"], "val_bleu": best["bleu"], "splits": {}}
             for split in splits:
