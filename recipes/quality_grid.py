@@ -305,7 +305,7 @@ def ablations(results: list[dict], splits: list[str], seeds: list[int]) -> list[
             continue
         acc = [statistics.fmean(r["splits"][s]["accuracy"] for s in splits) for r in rs]
         bl = [statistics.fmean(r["splits"][s]["bleu"] for s in splits) for r in rs]
-        rows.append({"name": name, "without": ABLATION_OF.get(name, "— (the shipped recipe)"),
+        rows.append({"name": name, "without": ABLATION_OF.get(name, "— (the shipped recipe; last step)"),
                      "seeds": [r["seed"] for r in rs], "accuracy": mean_sd(acc), "bleu": mean_sd(bl)})
     if rows and rows[0]["name"] == "two_stage_201":
         for r in rows:
@@ -323,7 +323,8 @@ def fmt(ms, digits=1):
 
 def markdown(agg: dict, refs: dict, splits: list[str], meta: dict, abl: list[dict]) -> str:
     lines = [f"# SynthVQA quality grid ({meta['date']}, {meta['machine']})", "",
-             f"Heads: each run's last step (the steps column; no checkpoint picked), batch {meta['batch_size']}; "
+             f"Heads: each run's last step; for the `_val_selected` settings each run's checkpoint with the best "
+             f"val score (the steps column: steps trained, chosen steps); batch {meta['batch_size']}; "
              f"mean ± sd over training seeds. Test splits: " +
              ", ".join(f"{s} ({refs[(s, 'unpruned')]['n_questions']} q + {refs[(s, 'unpruned')]['n_captions']} "
                        f"captions)" for s in splits if (s, "unpruned") in refs) + ".", ""]
