@@ -194,6 +194,27 @@ def test_stable_settings_end_at_inference_behaviour(small_dir, tmp_path):
     assert "EMA" in open(tmp_path / "run" / "pruning.yaml").readline()
 
 
+def test_a_merge_only_config_trains_resumes_and_loads(small_dir, tmp_path):
+    """pruning_layers [] (the merge is the whole method): no pruner heads, so no optimizer for
+    them (AdamW refuses an empty parameter list); it trains, resumes to the same weights, and
+    the engine runs it with the merged count in every layer."""
+    from safetensors.torch import load_file
+
+    from vtprune import LlavaEngine, format_prompt
+    merge_only = dict(pruning_layers=[], layer_keep_tokens=[])
+    whole = _trainer(small_dir, tmp_path, steps=3, out="whole", **merge_only)
+    assert set(whole.optimizers) == {"token_merger", "discriminator"}
+    whole.train()
+    _trainer(small_dir, tmp_path, steps=3, out="part", **merge_only).train(stop_after=1)
+    _trainer(small_dir, tmp_path, steps=3, out="part", resume=True, **merge_only).train()
+    a, b = (load_file(str(tmp_path / d / "pruning.safetensors")) for d in ("whole", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith("pruners.") for k in a)
+    engine = LlavaEngine.from_pretrained(small_dir, pruning=str(tmp_path / "whole" / "pruning.yaml"))
+    r = engine.generate([str(tmp_path / "img0.png")], [format_prompt("What colour?")], max_new_tokens=3)[0]
+    assert r.stats["visual_tokens_per_layer"] == [18, 18, 18, 18]
+
+
 def test_resume_refuses_a_different_run(small_dir, tmp_path):
     from vtprune import VtpruneError
     _trainer(small_dir, tmp_path, steps=2).train(stop_after=1)

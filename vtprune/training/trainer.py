@@ -142,11 +142,12 @@ class Trainer:
         self.modules.to(self.device).train()
         self.discriminator.to(self.device).train()
         lrs = self.cfg.optimizers
-        self.optimizers = {
-            "token_merger": torch.optim.AdamW(self.modules.merger.parameters(), lr=lrs["token_merger"]["lr"]),
-            "layer_pruners": torch.optim.AdamW(self.modules.pruners.parameters(), lr=lrs["layer_pruners"]["lr"]),
-            "discriminator": torch.optim.AdamW(self.discriminator.parameters(), lr=lrs["discriminator"]["lr"]),
-        }
+        # a merge-only config (pruning_layers []) has no pruner heads: no optimizer for them
+        # (AdamW refuses an empty parameter list)
+        trained = {"token_merger": self.modules.merger, "layer_pruners": self.modules.pruners,
+                   "discriminator": self.discriminator}
+        self.optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lrs[name]["lr"])
+                           for name, m in trained.items() if any(True for _ in m.parameters())}
         tok = self.engine.tokenizer
         eos = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else tok.eos_token_id
         if eos is None:
@@ -244,7 +245,7 @@ class Trainer:
             for g, lr in zip(opt.param_groups, self.base_lrs[name]):
                 g["lr"] = lr * factor
         terms = self.losses(step)
-        gen_opts = [self.optimizers["token_merger"], self.optimizers["layer_pruners"]]
+        gen_opts = [opt for name, opt in self.optimizers.items() if name != "discriminator"]
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         terms["g_loss"].backward()
