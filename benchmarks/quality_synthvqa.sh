@@ -47,8 +47,9 @@ if stage heads; then
   else
     # the CPU cut: 200 steps (the 201-token val curve stops moving by then), 600 for the 64-token
     # heads (their val rose to the last of 600 steps; at 200 they kept 80% of unpruned accuracy),
-    # 200 for the 32-token ones (reported only; 2 seeds), 2 seeds for the ablations, evaluated on the two
-    # fresh splits only, the baselines on those splits only
+    # 200 for the 32-token ones (reported only; 2 seeds), 2 seeds for the ablations (each trains as long
+    # as its budget's main runs: with_gan_64 600 steps), evaluated on the two fresh splits only, the
+    # baselines on those splits only
     cut=(--steps 200 --budget-steps 64=600 --every 50 --seeds 0 1 2 --seeds-32 0 1 --ablation-seeds 0 1
          --ablation-splits seed11 seed12 --baseline-splits seed11 seed12)
   fi

@@ -4,7 +4,7 @@ baselines; mean +- sd over seeds per split and over splits.
 
     python recipes/quality_grid.py --model DIR --train train.jsonl --val val.jsonl \
         --split test=test.jsonl --split seed11=seed11/test.jsonl ... --runs RUNS --out STEM \
-        [--groups main ablations baselines] [--steps 200] [--seeds 0 1 2] [--ablation-seeds 0 1]
+        [--groups main ablations baselines] [--budgets 201 64 32] [--steps 200] [--seeds 0 1 2] [--ablation-seeds 0 1]
 
 Resumable: every finished piece is a file under RUNS (a run's result.json, a reference
 setting's RUNS/reference/<split>/<setting>.json) and is not redone; a run interrupted while
@@ -52,11 +52,15 @@ VARIANTS = [
     ("no_proportional_attention", 201, {"proportional_attention": False}, {}, "ablations"),
     ("no_spatial_merge", 201, {"merge_locality": 0.0}, {}, "ablations"),
     ("old_recipe", 201, {"lr_schedule": "constant", "ema_decay": 0.0}, {"adv_loss": "non_saturating"}, "ablations"),
+    # the 64-token config trains without the adversarial loss (its discriminator wins outright:
+    # configs/synthvqa_two_stage_64.yaml says why); this puts it back at the weight 201 keeps
+    ("with_gan_64", 64, {"adv_loss_weight": 0.1}, {}, "ablations"),
 ]
 ABLATION_OF = {"no_gan": "adversarial (GAN) loss", "simple_merger": "question-aware merger",
                "fixed_tau": "temperature annealing 1.0 -> 0.1 (vs a fixed 0.1)",
                "no_proportional_attention": "proportional attention", "no_spatial_merge": "spatial merge (locality)",
-               "old_recipe": "cosine lr + weight average (vs constant lr, raw weights)"}
+               "old_recipe": "cosine lr + weight average (vs constant lr, raw weights)",
+               "with_gan_64": "no adversarial loss (vs the GAN at weight 0.1, as at 201)"}
 BASELINES = ["random", "divprune", "pdrop", "visionzip", "fastv", "dart"]
 
 
@@ -296,21 +300,28 @@ def aggregate(results: list[dict], refs: dict, splits: list[str]) -> dict:
 
 
 def ablations(results: list[dict], splits: list[str], seeds: list[int]) -> list[dict]:
-    """two_stage_201 on the ablations' seeds and splits, then each ablation: mean +- sd over seeds
-    of each seed's mean over the splits, and the difference of the means to two_stage_201."""
+    """Per budget, the main run (two_stage_<budget>) on the ablations' seeds and splits, then that
+    budget's ablations: mean +- sd over seeds of each seed's mean over the splits, and the
+    difference of the means to the main run of the same budget."""
+    budget_of = {name: budget for name, budget, *_ in VARIANTS}
     rows = []
-    for name in ["two_stage_201"] + [n for n in ABLATION_OF]:
-        rs = [r for r in results if r["name"] == name and r["seed"] in seeds and all(s in r["splits"] for s in splits)]
-        if not rs:
-            continue
-        acc = [statistics.fmean(r["splits"][s]["accuracy"] for s in splits) for r in rs]
-        bl = [statistics.fmean(r["splits"][s]["bleu"] for s in splits) for r in rs]
-        rows.append({"name": name, "without": ABLATION_OF.get(name, "— (the shipped recipe; last step)"),
-                     "seeds": [r["seed"] for r in rs], "accuracy": mean_sd(acc), "bleu": mean_sd(bl)})
-    if rows and rows[0]["name"] == "two_stage_201":
-        for r in rows:
-            r["d_accuracy"] = r["accuracy"][0] - rows[0]["accuracy"][0]
-            r["d_bleu"] = r["bleu"][0] - rows[0]["bleu"][0]
+    for budget in dict.fromkeys(budget_of[n] for n in ABLATION_OF):
+        main_name = f"two_stage_{budget}"
+        group = []
+        for name in [main_name] + [n for n in ABLATION_OF if budget_of[n] == budget]:
+            rs = [r for r in results if r["name"] == name and r["seed"] in seeds and all(s in r["splits"] for s in splits)]
+            if not rs:
+                continue
+            acc = [statistics.fmean(r["splits"][s]["accuracy"] for s in splits) for r in rs]
+            bl = [statistics.fmean(r["splits"][s]["bleu"] for s in splits) for r in rs]
+            group.append({"name": name, "budget": budget,
+                          "without": ABLATION_OF.get(name, "— (the shipped recipe; last step)"),
+                          "seeds": [r["seed"] for r in rs], "accuracy": mean_sd(acc), "bleu": mean_sd(bl)})
+        if len(group) > 1 and group[0]["name"] == main_name:
+            for r in group:
+                r["d_accuracy"] = r["accuracy"][0] - group[0]["accuracy"][0]
+                r["d_bleu"] = r["bleu"][0] - group[0]["bleu"][0]
+            rows += group
     return rows
 
 
@@ -360,12 +371,14 @@ def markdown(agg: dict, refs: dict, splits: list[str], meta: dict, abl: list[dic
                      f"{'—' if st is None else ', '.join(f'{x:.1f}' for x in st['per_seed'])} | "
                      f"{v.get('closest_to_mean_seed', '—')} |")
     if abl:
-        lines += ["", f"## Ablations at 201 tokens (splits {', '.join(meta['ablation_splits'])}; seeds "
-                      f"{', '.join(map(str, meta['ablation_seeds']))}; Δ: difference of the means to two_stage_201)", "",
-                  "| run | what it changes | seeds | accuracy % | BLEU | Δ accuracy | Δ BLEU |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Ablations (splits {', '.join(meta['ablation_splits'])}; seeds "
+                      f"{', '.join(map(str, meta['ablation_seeds']))}; Δ: difference of the means to the main run "
+                      f"of the same budget, two_stage_<budget>)", "",
+                  "| budget | run | what it changes | seeds | accuracy % | BLEU | Δ accuracy | Δ BLEU |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in abl:
-            lines.append(f"| {r['name']} | {r['without']} | {len(r['seeds'])} | {fmt(r['accuracy'])} | {fmt(r['bleu'])} | "
-                         f"{r.get('d_accuracy', 0):+.1f} | {r.get('d_bleu', 0):+.1f} |")
+            lines.append(f"| {r['budget']} | {r['name']} | {r['without']} | {len(r['seeds'])} | {fmt(r['accuracy'])} | "
+                         f"{fmt(r['bleu'])} | {r['d_accuracy']:+.1f} | {r['d_bleu']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -384,9 +397,11 @@ def main(argv=None) -> int:
                    choices=["main", "ablations", "baselines"], help="what to run, in this order")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--budget-steps", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
-                   metavar="BUDGET=STEPS", help="another step count for the main runs of one budget (repeat)")
+                   metavar="BUDGET=STEPS", help="another step count for the runs of one budget (repeat)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--adv-loss", default="hinge", help="the adversarial loss's form (vtprune train --adv-loss)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[201, 64, 32], choices=[201, 64, 32],
+                   help="the main runs' budgets (e.g. --budgets 64: only the 64-token heads)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the main runs")
     p.add_argument("--seeds-32", type=int, nargs="+", default=None, help="default: --seeds")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
@@ -427,13 +442,13 @@ def main(argv=None) -> int:
         for s in splits:
             g.reference(s, "unpruned")
         for name, budget, overrides, train, group in VARIANTS:
-            if group not in a.groups:
+            if group not in a.groups or (group == "main" and budget not in a.budgets):
                 continue
             seeds = a.seeds if group == "main" else a.ablation_seeds
             if name == "two_stage_32" and a.seeds_32 is not None:
                 seeds = a.seeds_32
             every = a.every if (group == "main" or name == "old_recipe") else 0
-            steps = budget_steps.get(budget, a.steps) if group == "main" else a.steps
+            steps = budget_steps.get(budget, a.steps)  # an ablation trains as long as its budget's main runs
             for seed in seeds:
                 results.append(g.run(name, budget, overrides, train, seed,
                                      splits if group == "main" else ablation_splits, every, steps))

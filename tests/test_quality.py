@@ -310,7 +310,7 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
     missing = [a if a != f"b={data}" else f"b={tmp_path}/none.jsonl" for a in argv]
     assert main(missing) == 2 and not runs.exists()  # a missing split: refused before anything runs
     bad_args = [["--budget-steps", x] for x in ("64", "65=3", "64=0", "64=x")]  # a budget of the grid, a count >= 1
-    bad_args += [["--split", f"a={data}"], ["--steps", "0"], ["--batch-size", "0"], ["--every", "-1"]]
+    bad_args += [["--split", f"a={data}"], ["--steps", "0"], ["--batch-size", "0"], ["--every", "-1"], ["--budgets", "65"]]
     for bad in bad_args:
         with pytest.raises(SystemExit) as e:
             main(argv + bad)
@@ -356,10 +356,43 @@ def test_quality_grid_aggregates_over_seeds_and_splits_and_resumes(small_dir, tm
     assert "| two_stage_201_val_selected | 2 | 2 (chosen: " in md
 
     done = {p: os.path.getmtime(p) for p in runs.glob("*/seed*/result.json")}
-    redo = runs / "two_stage_64" / "seed1" / "result.json"
+    redo, left = runs / "two_stage_64" / "seed1" / "result.json", runs / "two_stage_201" / "seed1" / "result.json"
     before = json.load(open(redo))
     os.remove(redo)
-    assert main(argv) == 0
+    os.remove(left)
+    assert main(argv + ["--budgets", "64"]) == 0  # only the 64-token runs: the 201 one stays missing
     after = json.load(open(redo))
     assert after["splits"] == before["splits"]  # the same heads, evaluated again
-    assert all(os.path.getmtime(p) == t for p, t in done.items() if p != redo)
+    assert not left.exists()
+    assert all(os.path.getmtime(p) == t for p, t in done.items() if p not in (redo, left))
+
+
+def test_quality_grid_ablations_compare_with_the_main_run_of_their_budget():
+    """Each ablation's delta is to two_stage_<its budget> on the same seeds and splits: the 64-token
+    one to two_stage_64, not to two_stage_201; runs missing a split or outside the seeds are left
+    out, and a budget whose main run is missing gets no rows."""
+    import statistics
+
+    from quality_grid import ablations
+
+    def run(name, seed, acc, bleu_):
+        return {"name": name, "seed": seed, "splits": {s: {"accuracy": acc + d, "bleu": bleu_ + d}
+                                                       for s, d in (("a", 1.0), ("b", -1.0))}}
+
+    results = [run("two_stage_201", 0, 95.0, 78.0), run("two_stage_201", 1, 97.0, 80.0),
+               run("no_gan", 0, 94.0, 77.0), run("no_gan", 1, 94.0, 79.0), run("no_gan", 2, 10.0, 10.0),
+               run("two_stage_64", 0, 90.0, 70.0), run("two_stage_64", 1, 92.0, 72.0),
+               run("with_gan_64", 0, 85.0, 60.0), run("with_gan_64", 1, 87.0, 64.0)]
+    rows = {r["name"]: r for r in ablations(results, ["a", "b"], [0, 1])}
+    assert list(rows) == ["two_stage_201", "no_gan", "two_stage_64", "with_gan_64"]
+    assert rows["no_gan"]["seeds"] == [0, 1] and rows["no_gan"]["budget"] == 201
+    assert rows["no_gan"]["d_accuracy"] == pytest.approx(94.0 - 96.0)
+    assert rows["no_gan"]["d_bleu"] == pytest.approx(78.0 - 79.0)
+    assert rows["with_gan_64"]["budget"] == 64
+    assert rows["with_gan_64"]["d_accuracy"] == pytest.approx(86.0 - 91.0)
+    assert rows["with_gan_64"]["d_bleu"] == pytest.approx(62.0 - 71.0)
+    assert rows["two_stage_64"]["d_accuracy"] == 0.0
+    assert rows["with_gan_64"]["accuracy"][1] == pytest.approx(statistics.stdev([85.0, 87.0]))
+    no_main = [r for r in results if r["name"] != "two_stage_64"]
+    assert [r["name"] for r in ablations(no_main, ["a", "b"], [0, 1])] == ["two_stage_201", "no_gan"]
+    assert ablations(results, ["a", "c"], [0, 1]) == []  # no run has split c
