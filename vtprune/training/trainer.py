@@ -147,7 +147,7 @@ class Trainer:
         trained = {"token_merger": self.modules.merger, "layer_pruners": self.modules.pruners,
                    "discriminator": self.discriminator}
         self.optimizers = {name: torch.optim.AdamW(m.parameters(), lr=lrs[name]["lr"])
-                           for name, m in trained.items() if any(True for _ in m.parameters())}
+                           for name, m in trained.items() if list(m.parameters())}
         tok = self.engine.tokenizer
         eos = self.engine.eos_token_ids[0] if self.engine.eos_token_ids else tok.eos_token_id
         if eos is None:
