@@ -271,7 +271,9 @@ def _entry_point_dir(tmp) -> str:
     return os.path.dirname(d)
 
 
-N_RECORDS = 40  # SynthVQA test records 0-39 (seed 3): three errors (count, shape) with pruning_64 of 2026-12-07
+# all 48 question records of a 24-image SynthVQA test split (seed 3): pruning_64 of 2026-12-07 (900-step
+# heads) answers one wrong (record 45, left/right), which the comparison below needs to be able to fail
+N_RECORDS = 48
 PRUNING = os.path.join(ASSET, "pruning_64.yaml")
 
 
@@ -320,7 +322,7 @@ def single_run(lmms_setup):
 def test_lmms_eval_cli_equals_vtprune_eval(lmms_setup, single_run):
     """`lmms-eval --model vtprune` (found through the entry point, pruning_64) on a local SynthVQA
     task: generate_until's exact match and multiple_choice's acc equal `vtprune eval`'s accuracy
-    on the same 40 records, answer by answer; multiple_choice picks the greedy answer everywhere."""
+    on the same N_RECORDS records, answer by answer; multiple_choice picks the greedy answer everywhere."""
     s = lmms_setup
     (qa_acc, mc_acc), samples = single_run[0]
     preds = os.path.join(s["tmp"], "preds.jsonl")
@@ -344,7 +346,7 @@ def test_lmms_eval_cli_equals_vtprune_eval(lmms_setup, single_run):
     assert "Model Responding" in single_run[1].stderr  # the progress bar
 
 
-DP_RECORDS = 16  # the first 16 of the single run's 40 (CI time)
+DP_RECORDS = 16  # the first 16 of the single run's 48 (CI time)
 
 
 def test_lmms_eval_two_gloo_processes_equal_one(lmms_setup, single_run):
